@@ -1,0 +1,79 @@
+"""Every Redis key clientsync writes, and every TTL, in one place.
+
+Keys share the `cs:` prefix so an operator can find (or flush) them. The Celery queue
+itself is a plain list named after the queue (kombu's convention), not prefixed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "cs:"
+
+#: inbound dedupe: the sender's event id, claimed before enqueueing
+def event(event_id: str) -> str:
+    return f"{PREFIX}evt:{event_id}"
+
+
+def idempotency_key(event_id: str, provider: str, operation: str) -> str:
+    """Derived, never random: the same event, provider and operation give the same key."""
+    digest = hashlib.sha256(f"{event_id}\x1f{provider}\x1f{operation}".encode()).hexdigest()[:32]
+    return f"cs_{provider}_{digest}"
+
+
+def idempotency(key: str) -> str:
+    """Hash: status (running|failed|done), fp, owner, lease, outcome, attempts."""
+    return f"{PREFIX}idem:{key}"
+
+
+def client_state(provider: str, client_id: str) -> str:
+    """Hash per (provider, client): link, mark_v, mark_t, deleted, intent. Kept without TTL."""
+    return f"{PREFIX}client:{provider}:{client_id}"
+
+
+def client_lock(provider: str, client_id: str) -> str:
+    return f"{PREFIX}lock:{provider}:{client_id}"
+
+
+def job_id(provider: str, event_id: str) -> str:
+    """The ledger id of one (event, provider) job."""
+    return f"{provider}:{event_id}"
+
+
+def job(job_id: str) -> str:
+    """Hash: one ledger record."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_attempts(job_id: str) -> str:
+    """List of JSON attempt records, oldest first."""
+    return f"{PREFIX}job:{job_id}:attempts"
+
+
+#: sorted set of every job id, scored by last update (ms): listing and retention
+JOBS_BY_TIME = f"{PREFIX}jobs"
+
+
+def jobs_in_state(state: str) -> str:
+    """Sorted set of job ids currently in `state`, scored by last update (ms)."""
+    return f"{PREFIX}jobs:state:{state}"
+
+
+def rate_bucket(provider: str) -> str:
+    return f"{PREFIX}rate:{provider}"
+
+
+def circuit(provider: str) -> str:
+    return f"{PREFIX}circuit:{provider}"
+
+
+#: sorted set of parked retries (JSON task payloads) scored by due time (ms)
+DELAYED = f"{PREFIX}delayed"
+
+#: worker heartbeat keys (one per worker process)
+def heartbeat(worker: str) -> str:
+    return f"{PREFIX}hb:{worker}"
+
+
+HEARTBEAT_PATTERN = f"{PREFIX}hb:*"
+HEARTBEAT_TTL_SECONDS = 30

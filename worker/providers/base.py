@@ -1,0 +1,228 @@
+"""What every provider adapter shares: settings, HTTP, error classification, the interface.
+
+An adapter declares its API (paths, auth, wire mapping); all HTTP goes through
+`ProviderAdapter.request`, which turns every outcome into data or a typed error in one
+fixed order (see `classify`). Adapters never retry: the task layer owns retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+import aiohttp
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import (
+    AuthError,
+    NotFound,
+    PermanentError,
+    ProviderError,
+    ProviderUnavailable,
+    ProviderValidationError,
+    RateLimitedError,
+    TransientError,
+)
+from worker.models import Client
+
+
+class ProviderConfig(BaseSettings):
+    """Settings every provider has. Subclasses add credentials and set `env_prefix`."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    url: str | None = Field(None, description="Base URL; unset = the provider's public API.")
+    timeout: float = Field(15.0, gt=0, description="Seconds for one HTTP call.")
+    rate_limit: int | None = Field(None, ge=1, description="Calls per rate_period, all workers together.")
+    rate_period: float = Field(1.0, gt=0)
+    max_attempts: int | None = Field(None, ge=1, description="Overrides CLIENTSYNC_MAX_ATTEMPTS.")
+    retry_base: float | None = Field(None, gt=0)
+    retry_cap: float | None = Field(None, gt=0)
+
+    def is_configured(self) -> bool:
+        """True when the credentials this provider needs are set."""
+        raise NotImplementedError
+
+    def missing(self) -> str:
+        """Which env vars to set, for the start-up message of a disabled provider."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RemoteClient:
+    """A client as a provider stores it: its id there and the wire record."""
+
+    id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from `Retry-After` (seconds or HTTP date) or a rate-limit reset header."""
+    now = time.time() if now is None else now
+    value = headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError, IndexError):
+                return None
+    for name in ("X-RateLimit-Reset", "RateLimit-Reset", "X-Rate-Limit-Reset"):
+        value = headers.get(name)
+        if not value:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        # A reset header is either an epoch timestamp or seconds from now.
+        return max(0.0, number - now) if number > 1_000_000_000 else max(0.0, number)
+    return None
+
+
+def classify(
+    status: int,
+    headers: Mapping[str, str],
+    message: str,
+    field_errors: dict[str, list[str]],
+    *,
+    provider: str,
+    busy_on_409: bool = False,
+) -> ProviderError:
+    """Turn a non-2xx answer into a typed error; the order of the checks is the policy."""
+    kw: dict[str, Any] = {"provider": provider, "status": status, "field_errors": field_errors}
+    if status == 429:
+        return RateLimitedError(message or "rate limited", retry_after=retry_after_seconds(headers), **kw)
+    if status >= 500 or status == 408:
+        return ProviderUnavailable(message or "server error", retry_after=retry_after_seconds(headers), **kw)
+    if status == 409 and busy_on_409:
+        return TransientError(message or "busy", retry_after=retry_after_seconds(headers), **kw)
+    if status in (401, 403):
+        return AuthError(message or "authentication failed", **kw)
+    if status == 404:
+        return NotFound(message or "not found", **kw)
+    if status in (400, 422):
+        return ProviderValidationError(message or "invalid request", **kw)
+    return PermanentError(message or f"unexpected status {status}", **kw)
+
+
+class ProviderAdapter(ABC):
+    """One provider's Clients API. Subclasses declare; the base does the HTTP."""
+
+    #: registry name (see `worker.models.PROVIDER_NAMES`)
+    name: ClassVar[str]
+    title: ClassVar[str]
+    settings_class: ClassVar[type[ProviderConfig]]
+    default_url: ClassVar[str]
+    #: a 409 from this provider means "busy, try again" rather than a business rule
+    busy_on_409: ClassVar[bool] = False
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+        self.base_url = (config.url or self.default_url).rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+
+    # --- hooks -------------------------------------------------------------------------
+    @abstractmethod
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that authenticate every call."""
+
+    def parse_error(self, status: int, body: Any) -> tuple[str, dict[str, list[str]]]:
+        """The provider's own message and field errors from an error body."""
+        if isinstance(body, dict):
+            message = str(body.get("message") or body.get("error") or "")
+            raw = body.get("errors")
+            errors: dict[str, list[str]] = {}
+            if isinstance(raw, dict):
+                for key, value in raw.items():
+                    errors[str(key)] = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            return message, errors
+        return (str(body)[:500] if body else ""), {}
+
+    def refine_error(self, error: ProviderError, body: Any) -> ProviderError:
+        """Adjust a classified error to a provider's quirks (e.g. a 400 that means not found)."""
+        return error
+
+    # --- HTTP (the only place that does it) ----------------------------------------------
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One HTTP call; returns the decoded JSON (or None for an empty body) or raises."""
+        url = f"{self.base_url}{path}"
+        all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
+        try:
+            async with self.session.request(
+                method, url, json=json_body, params=params, headers=all_headers, timeout=self._timeout
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+                resp_headers = resp.headers
+        except asyncio.TimeoutError as exc:
+            raise ProviderUnavailable(
+                f"timed out after {self.config.timeout:g}s", provider=self.name
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise ProviderUnavailable(f"connection failed: {exc}", provider=self.name) from exc
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        if 200 <= status < 300:
+            return body
+        message, field_errors = self.parse_error(status, body)
+        error = classify(
+            status, resp_headers, message, field_errors, provider=self.name, busy_on_409=self.busy_on_409
+        )
+        raise self.refine_error(error, body)
+
+    # --- the Clients API ---------------------------------------------------------------
+    def validate(self, client: Client) -> None:
+        """Raise `LocalValidationError` naming the field and rule if the provider would reject it."""
+
+    @abstractmethod
+    def to_wire(self, client: Client, *, existing: RemoteClient | None = None) -> dict[str, Any]:
+        """The provider's payload for `client`; `existing` is the current record on update."""
+
+    @abstractmethod
+    def from_wire(self, data: dict[str, Any]) -> Client:
+        """The canonical view of a provider record (its `id` is the provider's id)."""
+
+    @abstractmethod
+    async def create(self, client: Client) -> RemoteClient: ...
+
+    @abstractmethod
+    async def update(self, remote_id: str, client: Client) -> RemoteClient: ...
+
+    @abstractmethod
+    async def delete(self, remote_id: str) -> None:
+        """Delete at the provider; raise `Unsupported` if it has no delete."""
+
+    @abstractmethod
+    async def get(self, remote_id: str) -> RemoteClient:
+        """Fetch one client; raise `NotFound` if the provider does not know it."""
+
+    @abstractmethod
+    async def find(self, client: Client) -> RemoteClient | None:
+        """Look the client up by the provider's unique fields (email, VAT, ...) before a create."""
+
+    @abstractmethod
+    def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:
+        """Every client, page by page."""

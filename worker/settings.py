@@ -1,0 +1,57 @@
+"""Settings from the environment (prefix `CLIENTSYNC_`), built once at each composition root."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DAY = 24 * 3600
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Provider settings live with each adapter (`worker.providers`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIENTSYNC_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        None, description="Redis for broker and state; unset = start an embedded redis-server."
+    )
+    queue: str = Field("celery", description="Celery queue that carries clientsync.sync_client.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    webhook_secret: SecretStr | None = Field(
+        None, description="Comma-separated Standard Webhooks secrets (whsec_...); several = rotation."
+    )
+    webhook_tolerance_seconds: int = Field(300, ge=1)
+    monitor_token: SecretStr | None = Field(None, description="Bearer token for /monitor and /dashboard.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+
+    event_ttl_seconds: int = Field(7 * DAY, ge=60, description="How long an event id is remembered.")
+    idempotency_ttl_seconds: int = Field(7 * DAY, ge=60)
+    lease_seconds: float = Field(60.0, gt=0, description="Lease on a job claim and a client lock.")
+    lock_wait_seconds: float = Field(20.0, ge=0, description="How long a job waits for a busy client.")
+
+    visibility_timeout: int = Field(3600, ge=1, description="Redis broker redelivery timeout (s).")
+    worker_concurrency: int = Field(16, ge=1)
+    worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")
+    max_attempts: int = Field(8, ge=1)
+    retry_base_seconds: float = Field(1.0, gt=0)
+    retry_cap_seconds: float = Field(300.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secrets_have_the_prefix(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        for part in value.get_secret_value().split(","):
+            part = part.strip()
+            if part and not part.startswith("whsec_"):
+                raise ValueError("each secret must start with 'whsec_' (Standard Webhooks format)")
+        return value
+
+    def webhook_secrets(self) -> list[str]:
+        if self.webhook_secret is None:
+            return []
+        return [s.strip() for s in self.webhook_secret.get_secret_value().split(",") if s.strip()]
