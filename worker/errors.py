@@ -127,3 +127,9 @@ class ConfigError(ClientSyncError):
     """Settings are missing or invalid."""
 
     kind = "config"
+
+
+class InternalError(TransientError):
+    """An unexpected exception inside clientsync (a bug, or Redis trouble): retried, then dead."""
+
+    kind = "internal"

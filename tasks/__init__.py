@@ -1,0 +1,1 @@
+"""The Celery boundary: app, per-process runtime, thin task entry points, signal hooks."""

@@ -1,0 +1,52 @@
+"""The Celery app, built from settings. Each reliability option says why it is set."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+
+def make_celery(settings: Settings, broker_url: str) -> Celery:
+    app = Celery("clientsync", broker=broker_url, include=["tasks.sync", "tasks.signals"])
+    app.conf.update(
+        # JSON only: a pickle from a foreign producer would be code execution.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Results live in the ledger, not in a result backend.
+        task_ignore_result=True,
+        # Ack after the task body ran, so a worker killed mid-task leaves the message to be
+        # redelivered; idempotency keys make the second run harmless.
+        task_acks_late=True,
+        # A child process killed (OOM, SIGKILL) requeues its message instead of acking it.
+        task_reject_on_worker_lost=True,
+        # With acks_late, a worker holds at most `concurrency` unacked messages: a crash
+        # strands few, and long jobs do not starve other workers.
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options={
+            # Unacked messages come back after this long. Every retry countdown stays below
+            # it (see RetryPolicy ceiling): a longer ETA would be redelivered early and run twice.
+            "visibility_timeout": settings.visibility_timeout,
+        },
+        broker_connection_retry_on_startup=True,
+        # Task events stay on so Flower (and `celery events`) can watch the workers.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_concurrency=settings.worker_concurrency,
+        worker_pool=settings.worker_pool,
+    )
+    return app
+
+
+def _default_app() -> Celery:
+    settings = Settings()
+    # `clientsync worker` refuses to start without CLIENTSYNC_REDIS_URL; this fallback only
+    # serves tooling that imports the app (e.g. `celery -A tasks.app inspect`).
+    return make_celery(settings, settings.redis_url or "redis://127.0.0.1:6379/0")
+
+
+#: the app `celery -A tasks.app worker` and `clientsync worker` run
+app = _default_app()

@@ -1,0 +1,127 @@
+"""The one sync→async bridge: per worker process, one event loop and pooled sessions.
+
+Celery task bodies are synchronous; the adapters and stores are async. Each worker process
+starts one event loop in a daemon thread and opens, on it, one Redis client and one
+aiohttp session shared by every adapter (connection pooling per host). Tasks submit
+coroutines with `Runtime.run`; nothing calls `asyncio.run` per task. After a fork (the
+prefork pool) the child builds its own runtime: loops and sockets do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.jobs import JobContext, RetryPolicy
+from worker.ledger import Ledger
+from worker.providers import adapter_class, load_configs
+from worker.settings import Settings
+from worker.store import SyncStore
+
+T = TypeVar("T")
+log = logging.getLogger("clientsync.runtime")
+
+
+class Runtime:
+    """Per-process resources; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.redis_url:
+            raise RuntimeError("CLIENTSYNC_REDIS_URL is not set")
+        self.settings = settings
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="clientsync-loop", daemon=True)
+        self._thread.start()
+        self.context: JobContext = self.run(self._open())
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the process's loop and wait for its result (from a task thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _open(self) -> JobContext:
+        s = self.settings
+        assert s.redis_url is not None
+        self.redis = aioredis.from_url(s.redis_url, max_connections=max(16, s.worker_concurrency * 2))
+        # One session for every adapter: the connector pools connections per host.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=200, limit_per_host=max(20, s.worker_concurrency * 2)),
+            headers={"User-Agent": "clientsync/0.1"},
+        )
+        adapters, policies, disabled = {}, {}, {}
+        ceiling = s.visibility_timeout * 0.5
+        for name, config in load_configs().items():
+            if not config.is_configured():
+                disabled[name] = config.missing()
+                continue
+            adapters[name] = adapter_class(name)(config, self.session)
+            policies[name] = RetryPolicy.for_provider(
+                config, max_attempts=s.max_attempts, base=s.retry_base_seconds, cap=s.retry_cap_seconds,
+                ceiling=ceiling,
+            )
+        owner = f"{socket.gethostname()}:{self.pid}"
+        self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
+        return JobContext(
+            store=SyncStore(self.redis, idempotency_ttl=s.idempotency_ttl_seconds, lease_seconds=s.lease_seconds),
+            ledger=Ledger(self.redis),
+            adapters=adapters,
+            policies=policies,
+            disabled=disabled,
+            owner=owner,
+            lock_wait=s.lock_wait_seconds,
+            rng=random.Random(),
+        )
+
+    async def _beat(self, name: str) -> None:
+        """Mark this worker process alive for /readyz, every third of the heartbeat TTL."""
+        while True:
+            try:
+                await self.redis.set(keys.heartbeat(name), "1", ex=keys.HEARTBEAT_TTL_SECONDS)
+            except Exception:  # Redis away: readiness will say so; keep beating
+                log.warning("heartbeat failed", exc_info=True)
+            await asyncio.sleep(keys.HEARTBEAT_TTL_SECONDS / 3)
+
+    async def _close(self) -> None:
+        self._beat_task.cancel()
+        await self.session.close()
+        await self.redis.aclose()
+
+    def close(self) -> None:
+        try:
+            self.run(self._close(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use (and again in a forked child)."""
+    global _runtime
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = Runtime(Settings())
+            names = ", ".join(sorted(_runtime.context.adapters)) or "none"
+            log.info("worker runtime ready (pid %s): providers %s", os.getpid(), names)
+        return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    with _lock:
+        if _runtime is not None and _runtime.pid == os.getpid():
+            _runtime.close()
+        _runtime = None

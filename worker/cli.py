@@ -1,0 +1,262 @@
+"""The `clientsync` command: run the system, send changes, serve the sandbox, show the schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker.models import ClientChange, change_json_schema
+from worker.settings import Settings
+
+log = logging.getLogger("clientsync")
+
+
+class CliError(Exception):
+    """A usage or input error: printed without a traceback, exit status 2."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"CLIENTSYNC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"invalid settings: {problems}") from exc
+
+
+def _require_redis(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise CliError("CLIENTSYNC_REDIS_URL is not set (use `clientsync run` for an all-in-one local system)")
+    return settings.redis_url
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(change_json_schema(), indent=2))
+    return 0
+
+
+def read_change(source: str) -> ClientChange:
+    """Parse a ClientChange from a file path or '-' (stdin), with errors naming each field."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"{source} is not valid JSON: {exc}") from exc
+    try:
+        return ClientChange.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()]
+        raise CliError(f"{source} is not a valid ClientChange:\n" + "\n".join(lines)) from exc
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from worker.producer import Producer
+
+    settings = _settings()
+    url = _require_redis(settings)
+    change = read_change(args.file)
+
+    async def go() -> str:
+        client = aioredis.from_url(url)
+        try:
+            producer = Producer(client, queue=settings.queue, event_ttl=settings.event_ttl_seconds)
+            return (await producer.enqueue(change, received_at=time.time())).status
+        finally:
+            await client.aclose()
+
+    status = asyncio.run(go())
+    print(f"{change.event_id}: {status}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from worker.web.app import create_app
+
+    settings = _settings()
+    _logging(settings.log_level)
+    url = _require_redis(settings)
+    web.run_app(create_app(settings, url), host=args.host or settings.host, port=args.port or settings.port,
+                access_log=None, print=lambda *_: None)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _require_redis(settings)
+    # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
+            "--loglevel", settings.log_level, "--pool", args.pool or settings.worker_pool,
+            "--concurrency", str(args.concurrency or settings.worker_concurrency), "-E",
+            "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the Celery worker
+    return 0  # pragma: no cover
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from worker.sandbox.server import start_sandbox
+
+    _logging("INFO")
+    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+
+    async def serve() -> None:
+        sb = await start_sandbox(host="127.0.0.1", port=args.port, names=names)
+        print(f"sandbox providers on {sb.root}:")
+        for name in sb.simulators:
+            print(f"  {name:16} {sb.base_url(name)}")
+        print("environment for clientsync:")
+        for key, value in sorted(sb.env().items()):
+            print(f"  export {key}={value}")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await sb.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.launcher import Stack
+    from worker.providers import enabled_configs
+
+    _logging("INFO")
+    stack = Stack(log_dir=None if args.quiet else None)
+    data_dir = str(Path(args.data_dir).resolve())
+    redis_url = stack.ensure_redis(persist_dir=data_dir)
+    stack.ensure_secrets()
+    for key, value in stack.env.items():
+        if key.startswith("CLIENTSYNC_"):
+            os.environ[key] = value
+    use_sandbox = args.sandbox == "always" or (args.sandbox == "auto" and not enabled_configs())
+    try:
+        if use_sandbox:
+            stack.start_sandbox(port=args.sandbox_port)
+        url = stack.start_receiver(port=args.port)
+        stack.start_worker()
+        secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
+        print(f"""
+clientsync is running
+  redis      {redis_url}{'  (embedded, data in ' + data_dir + ')' if stack.redis else ''}
+  providers  {'sandbox at http://127.0.0.1:' + str(stack.sandbox_port) if use_sandbox else 'from CLIENTSYNC_* settings'}
+  webhooks   POST {url}/webhooks/clients   (Standard Webhooks signature)
+  secret     CLIENTSYNC_WEBHOOK_SECRET={secret}
+  monitor    {url}/dashboard   token: CLIENTSYNC_MONITOR_TOKEN={stack.env['CLIENTSYNC_MONITOR_TOKEN']}
+  send a change:  CLIENTSYNC_REDIS_URL={redis_url} clientsync send examples/change.json
+Stop with Ctrl-C.""", flush=True)
+        stop = {"now": False}
+
+        def _stop(*_: Any) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        while not stop["now"]:
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    raise CliError(f"{name} exited with status {proc.returncode}")
+            time.sleep(0.5)
+        print("stopping…", flush=True)
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(timeout=args.timeout)
+
+
+# --- wiring -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clientsync", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("schema", help="print the ClientChange JSON Schema").set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("send", help="enqueue a ClientChange from a file (or - for stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("serve", help="run the receiver (webhooks, monitor API, dashboard)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker that applies changes")
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--pool", choices=["threads", "prefork", "solo"])
+    p.add_argument("--hostname")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sandbox", help="serve the simulated providers on loopback")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--providers", help="comma-separated subset (default: all)")
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("run", help="run everything locally: Redis, sandbox, receiver, worker")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--sandbox", choices=["auto", "always", "never"], default="auto",
+                   help="auto: use the sandbox when no provider is configured")
+    p.add_argument("--sandbox-port", type=int, default=8090)
+    p.add_argument("--data-dir", default="var/redis", help="embedded Redis data (AOF)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="start everything, send a few changes, show what happened, exit")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_demo)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Any]:
+    """Subcommand groups kept in their own modules (e.g. the monitoring commands)."""
+    found = []
+    try:
+        from worker.monitor_cli import register
+    except ImportError:
+        pass
+    else:
+        found.append(register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except CliError as exc:
+        print(f"clientsync: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

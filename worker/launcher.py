@@ -1,0 +1,148 @@
+"""Start and stop the whole system as child processes: Redis, sandbox, receiver, workers.
+
+Used by `clientsync run`, `clientsync demo`, the benchmarks and the end-to-end tests, so
+all of them exercise the same real processes an operator runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.redis_server import EmbeddedRedis, free_port
+from worker.sandbox import SIMULATORS
+from worker.sandbox.server import make_simulators
+
+PY = sys.executable
+
+
+def sandbox_env(port: int, names: list[str] | None = None) -> dict[str, str]:
+    """The env that points every adapter at a sandbox on `port` (with its default credentials)."""
+    env: dict[str, str] = {}
+    for name, sim in make_simulators(names).items():
+        env.update(sim.env(f"http://127.0.0.1:{port}/{name}"))
+    return env
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+                if resp.status < 500:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {timeout:g}s")
+
+
+@dataclass
+class Stack:
+    """A running clientsync: every piece a child process, stopped together."""
+
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    redis: EmbeddedRedis | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    sandbox_port: int | None = None
+    receiver_port: int | None = None
+    log_dir: Path | None = None
+
+    @property
+    def redis_url(self) -> str:
+        return self.env["CLIENTSYNC_REDIS_URL"]
+
+    @property
+    def receiver_url(self) -> str:
+        return f"http://127.0.0.1:{self.receiver_port}"
+
+    def ensure_redis(self, *, persist_dir: str | None = None) -> str:
+        """Use CLIENTSYNC_REDIS_URL when set, else start an embedded redis-server."""
+        if not self.env.get("CLIENTSYNC_REDIS_URL"):
+            self.redis = EmbeddedRedis(data_dir=persist_dir, persist=persist_dir is not None).start()
+            self.env["CLIENTSYNC_REDIS_URL"] = self.redis.url
+        return self.env["CLIENTSYNC_REDIS_URL"]
+
+    def ensure_secrets(self) -> None:
+        if not self.env.get("CLIENTSYNC_WEBHOOK_SECRET"):
+            import base64
+
+            self.env["CLIENTSYNC_WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        if not self.env.get("CLIENTSYNC_MONITOR_TOKEN"):
+            self.env["CLIENTSYNC_MONITOR_TOKEN"] = secrets.token_urlsafe(24)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        out: int | object = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(  # noqa: S603
+            args, env=self.env, stdout=out, stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_sandbox(self, port: int = 0, names: list[str] | None = None) -> str:
+        self.sandbox_port = port or free_port()
+        names = names or list(SIMULATORS)
+        proc = self._spawn("sandbox", [PY, "-m", "worker", "sandbox", "--port", str(self.sandbox_port),
+                                       "--providers", ",".join(names)])
+        wait_http(f"http://127.0.0.1:{self.sandbox_port}/", proc=proc)
+        self.env.update(sandbox_env(self.sandbox_port, names))
+        return f"http://127.0.0.1:{self.sandbox_port}"
+
+    def start_receiver(self, port: int = 0) -> str:
+        self.receiver_port = port or free_port()
+        self.env["CLIENTSYNC_PORT"] = str(self.receiver_port)
+        proc = self._spawn("receiver", [PY, "-m", "worker", "serve"])
+        wait_http(f"{self.receiver_url}/healthz", proc=proc)
+        return self.receiver_url
+
+    def start_worker(self, name: str = "worker", *, concurrency: int | None = None,
+                     pool: str | None = None) -> subprocess.Popen[bytes]:
+        args = [PY, "-m", "worker", "worker", "--hostname", f"{name}-{os.getpid()}@%h"]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        if pool:
+            args += ["--pool", pool]
+        return self._spawn(name, args)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a child's whole process group (a Celery worker and its pool children)."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(30)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

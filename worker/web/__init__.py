@@ -1,0 +1,1 @@
+"""The receiver: webhooks in, monitor API and dashboard out (aiohttp)."""
