@@ -1,0 +1,285 @@
+"""Grow CRM adapter against its simulator, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from tests.providers.conftest import StartSandbox, make_adapter
+from worker.errors import (
+    AuthError,
+    LocalValidationError,
+    NotFound,
+    PermanentError,
+    ProviderValidationError,
+    TransientError,
+)
+from worker.models import Address, Client, Contact
+from worker.providers.grow_crm import GrowCRM, GrowCRMConfig
+from worker.sandbox.base import Faults
+from worker.sandbox.grow_crm import GrowCRMSandbox
+from worker.sandbox.server import RunningSandbox
+
+NAME = "grow_crm"
+
+
+def acme(**changes: object) -> Client:
+    base: dict[str, object] = {
+        "id": "acme",
+        "kind": "company",
+        "name": "Acme Inc",
+        "phone": "+1 555 0100",
+        "billing_address": Address(line1="1 Market St", city="San Francisco", region="CA", country="US"),
+        "tags": ("priority",),
+        "contacts": (
+            Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", is_primary=True),
+        ),
+    }
+    base.update(changes)
+    return Client.model_validate(base)
+
+
+@pytest.fixture
+async def sandbox(start: StartSandbox) -> RunningSandbox:
+    return await start([NAME])
+
+
+@pytest.fixture
+def grow(sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> GrowCRM:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch)
+    assert isinstance(adapter, GrowCRM)
+    return adapter
+
+
+def sim(sandbox: RunningSandbox) -> GrowCRMSandbox:
+    simulator = sandbox.simulators[NAME]
+    assert isinstance(simulator, GrowCRMSandbox)
+    return simulator
+
+
+def writes(sandbox: RunningSandbox) -> list[str]:
+    return [f"{c.method} {c.path}" for c in sim(sandbox).calls if c.method != "GET"]
+
+
+# --- create: first/last/email -------------------------------------------------------------
+async def test_create_derives_the_owner_from_the_primary_contact_of_a_company(
+    grow: GrowCRM, sandbox: RunningSandbox
+) -> None:
+    remote = await grow.create(acme())
+    assert remote.id.isdigit()
+    owner = next(iter(sim(sandbox).users.values()))
+    assert (owner["first_name"], owner["last_name"], owner["email"]) == ("Jane", "Doe", "jane@acme.example")
+    assert remote.data["company_name"] == "Acme Inc"
+    assert remote.data["tags"] == ["priority"]
+    assert remote.data["owner"]["name"] == "Jane Doe"
+
+
+async def test_create_uses_an_individuals_own_names_and_email(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    person = Client(id="p1", kind="individual", first_name="Ada", last_name="Lovelace", email="ada@x.example")
+    remote = await grow.create(person)
+    assert remote.data["company_name"] == "Ada Lovelace"
+    owner = next(iter(sim(sandbox).users.values()))
+    assert owner["email"] == "ada@x.example"
+
+
+async def test_create_without_a_last_name_fails_permanently_naming_it_and_calls_nothing(
+    grow: GrowCRM, sandbox: RunningSandbox
+) -> None:
+    client = acme(contacts=(Contact(first_name="Jane", email="jane@acme.example"),))
+    with pytest.raises(LocalValidationError, match="last_name") as caught:
+        await grow.create(client)
+    assert isinstance(caught.value, PermanentError)
+    assert set(caught.value.field_errors) == {"client.last_name"}
+    assert sim(sandbox).calls == []
+
+
+async def test_create_without_any_email_names_email(grow: GrowCRM) -> None:
+    client = acme(contacts=(Contact(first_name="Jane", last_name="Doe"),))
+    with pytest.raises(LocalValidationError, match="email") as caught:
+        await grow.create(client)
+    assert set(caught.value.field_errors) == {"client.email"}
+
+
+async def test_a_taken_email_is_a_provider_validation_error(grow: GrowCRM) -> None:
+    await grow.create(acme())
+    with pytest.raises(ProviderValidationError) as caught:
+        await grow.create(acme(id="other", name="Other Inc"))
+    assert caught.value.status == 422
+    assert caught.value.field_errors == {"email": ["The email has already been taken."]}
+
+
+async def test_an_archived_client_is_created_then_suspended(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme(status="archived"))
+    assert remote.data["status"] == "suspended"
+    assert writes(sandbox) == ["POST /grow_crm/clients", f"PUT /grow_crm/clients/{remote.id}/status"]
+
+
+# --- update: PATCH + separate actions -------------------------------------------------------
+async def test_every_patch_carries_client_company_name(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    person = Client(
+        id="acme", kind="individual", first_name="Jane", last_name="Roe", email="jane@acme.example"
+    )
+    updated = await grow.update(remote.id, acme(phone="+1 555 0199"))
+    assert updated.data["phone"] == "+1 555 0199"
+    updated = await grow.update(remote.id, person.model_copy(update={"tags": ("priority",)}))
+    assert updated.data["company_name"] == "Jane Roe"
+
+
+async def test_the_sandbox_rejects_a_patch_without_client_company_name(grow: GrowCRM) -> None:
+    remote = await grow.create(acme())
+    with pytest.raises(ProviderValidationError) as caught:
+        await grow.request("PATCH", f"/clients/{remote.id}", json_body={"client_phone": "1"})
+    assert "client_company_name" in caught.value.field_errors
+
+
+async def test_unchanged_tags_and_status_make_no_action_calls(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    sim(sandbox).calls.clear()
+    await grow.update(remote.id, acme(phone="+1 555 0199", tags=("priority",)))
+    assert writes(sandbox) == [f"PATCH /grow_crm/clients/{remote.id}"]
+
+
+async def test_changed_tags_and_status_are_separate_puts(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    sim(sandbox).calls.clear()
+    updated = await grow.update(remote.id, acme(tags=("retainer", "vip"), status="archived"))
+    assert writes(sandbox) == [
+        f"PATCH /grow_crm/clients/{remote.id}",
+        f"PUT /grow_crm/clients/{remote.id}/tags",
+        f"PUT /grow_crm/clients/{remote.id}/status",
+    ]
+    assert updated.data["tags"] == ["retainer", "vip"]
+    assert updated.data["status"] == "suspended"
+    sim(sandbox).calls.clear()
+    await grow.update(remote.id, acme(tags=(), status="active"))
+    assert writes(sandbox)[1:] == [
+        f"PUT /grow_crm/clients/{remote.id}/tags",
+        f"PUT /grow_crm/clients/{remote.id}/status",
+    ]
+    assert sim(sandbox).clients[remote.id]["tags"] == []
+
+
+async def test_update_clears_a_removed_field(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    await grow.update(remote.id, acme(phone=None, billing_address=None))
+    stored = sim(sandbox).clients[remote.id]
+    assert stored["phone"] is None
+    assert stored["billing"]["country"] is None
+
+
+# --- country, mapping ---------------------------------------------------------------------
+async def test_country_is_sent_as_its_english_name_and_read_back_as_alpha_2(
+    grow: GrowCRM, sandbox: RunningSandbox
+) -> None:
+    remote = await grow.create(acme(billing_address=Address(city="Seoul", country="KR")))
+    assert sim(sandbox).clients[remote.id]["billing"]["country"] == "South Korea"
+    client = grow.from_wire((await grow.get(remote.id)).data)
+    assert client.billing_address is not None
+    assert client.billing_address.country == "KR"
+
+
+async def test_from_wire_maps_the_documented_client_object(grow: GrowCRM) -> None:
+    remote = await grow.create(acme(status="archived", vat_number="US123"))
+    client = grow.from_wire(remote.data)
+    assert client.id == remote.id
+    assert client.name == "Acme Inc"
+    assert client.vat_number == "US123"
+    assert client.status == "archived"
+    assert client.tags == ("priority",)
+    assert client.billing_address == acme().billing_address
+    assert client.primary_contact == Contact(first_name="Jane", last_name="Doe", is_primary=True)
+
+
+# --- delete, get, find, list ----------------------------------------------------------------
+async def test_delete_is_hard_and_cascades_to_users(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    await grow.delete(remote.id)
+    assert remote.id not in sim(sandbox).clients
+    assert sim(sandbox).users == {}
+    with pytest.raises(NotFound):
+        await grow.get(remote.id)
+    with pytest.raises(NotFound):
+        await grow.delete(remote.id)
+
+
+async def test_a_non_numeric_id_is_not_found_without_a_call(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    with pytest.raises(NotFound):
+        await grow.get("abc")
+    assert sim(sandbox).calls == []
+
+
+async def test_find_by_email_goes_through_the_contacts_search(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    other = acme(
+        id="o", name="Other", contacts=(Contact(first_name="J", last_name="D", email="xjane@acme.example"),)
+    )
+    await grow.create(other)
+    wanted = await grow.create(acme())
+    found = await grow.find(acme(name="Renamed Inc", email="JANE@acme.example"))
+    assert found is not None
+    assert found.id == wanted.id
+    assert found.data["company_name"] == "Acme Inc"
+    assert await grow.find(acme(contacts=(), email="nobody@acme.example")) is None
+
+
+async def test_list_walks_page_and_limit_until_the_last_page(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    ids = set()
+    for i in range(5):
+        contact = Contact(first_name="A", last_name=f"B{i}", email=f"a{i}@acme.example")
+        ids.add((await grow.create(acme(id=f"c{i}", name=f"C{i}", contacts=(contact,)))).id)
+    sim(sandbox).calls.clear()
+    listed = [r.id async for r in grow.list(page_size=2)]
+    assert sorted(listed) == sorted(ids)
+    assert [c.path for c in sim(sandbox).calls] == [
+        "/grow_crm/clients?page=1&limit=2",
+        "/grow_crm/clients?page=2&limit=2",
+        "/grow_crm/clients?page=3&limit=2",
+    ]
+
+
+async def test_list_never_asks_for_more_than_100_a_page(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    assert [r async for r in grow.list(page_size=500)] == []
+    assert sim(sandbox).calls[0].path == "/grow_crm/clients?page=1&limit=100"
+
+
+# --- errors, auth, settings -----------------------------------------------------------------
+async def test_a_409_is_a_permanent_business_failure(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    with pytest.raises(PermanentError) as caught:
+        await grow.request("PUT", f"/clients/{remote.id}/owner", json_body={"owner": 999})
+    assert caught.value.status == 409
+    assert not isinstance(caught.value, TransientError)
+    assert "does not belong" in caught.value.message
+
+
+async def test_a_409_fault_on_update_is_permanent_too(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    sim(sandbox).faults = Faults(fail_next=1, error_status=409)
+    with pytest.raises(PermanentError) as caught:
+        await grow.update(remote.id, acme())
+    assert caught.value.status == 409
+    assert not caught.value.retryable
+
+
+async def test_a_wrong_key_gets_the_documented_401(
+    sandbox: RunningSandbox, session: aiohttp.ClientSession
+) -> None:
+    config = GrowCRMConfig(url=sandbox.base_url(NAME), api_key="wrong")
+    with pytest.raises(AuthError, match="A valid API key is required"):
+        await GrowCRM(config, session).get("1")
+
+
+async def test_the_key_is_sent_as_bearer(grow: GrowCRM) -> None:
+    assert grow.auth_headers() == {"Authorization": "Bearer grow-sandbox-key"}
+
+
+def test_the_url_is_required_because_grow_crm_is_self_hosted(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("API_KEY", "URL"):
+        monkeypatch.delenv(f"CLIENTSYNC_GROW_CRM_{key}", raising=False)
+    monkeypatch.setenv("CLIENTSYNC_GROW_CRM_API_KEY", "k")
+    config = GrowCRMConfig()
+    assert not config.is_configured()
+    assert "CLIENTSYNC_GROW_CRM_URL" in config.missing()
+    assert "CLIENTSYNC_GROW_CRM_API_KEY" in config.missing()
+    monkeypatch.setenv("CLIENTSYNC_GROW_CRM_URL", "https://crm.example/api")
+    assert GrowCRMConfig().is_configured()
