@@ -48,7 +48,7 @@ class LSPExpertConfig(ProviderConfig):
         return bool(self.api_key and self.api_key.get_secret_value())
 
     def missing(self) -> str:
-        return "CLIENTSYNC_LSP_EXPERT_API_KEY"
+        return "" if self.is_configured() else "set CLIENTSYNC_LSP_EXPERT_API_KEY (the API key)"
 
 
 class _Wire(BaseModel):
