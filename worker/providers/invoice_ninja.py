@@ -15,7 +15,9 @@ Docs: https://invoiceninja.github.io/en/api-reference/ ; OpenAPI spec (bundled c
   `settings` replaces the client's settings overrides, so an update merges the existing ones.
 - Errors: unknown id is 400 (not 404); bad token 403 "Invalid token"; 422 carries field errors.
 - Unconfirmed [?]: whether the `email=` filter is exact (we re-check locally); the exact
-  400 message wording; whether `settings` replaces or merges server-side. Not held: tags,
+  400 message wording; whether `settings` replaces or merges server-side. A create without any
+  billing address omits `country_id` (the spec marks it required; the server then uses the
+  company's country, StoreClientRequest.php). Not held: tags,
   locale, a client-level email separate from its contacts, clearing a country or currency.
 """
 
@@ -204,6 +206,8 @@ class InvoiceNinja(ProviderAdapter):
             **_address("shipping_", client.shipping_address),
             "contacts": contacts,
         }
+        if "country_id" not in body and _country(old.get("country_id")):
+            body["country_id"] = int(old["country_id"])  # the spec requires it; resending changes nothing
         if client.currency:
             settings = dict(old.get("settings") or {})
             settings["currency_id"] = str(_CURRENCIES.index(client.currency) + 1)
