@@ -179,16 +179,23 @@ async def test_country_is_sent_as_its_english_name_and_read_back_as_alpha_2(
     assert client.billing_address.country == "KR"
 
 
-async def test_from_wire_maps_the_documented_client_object(grow: GrowCRM) -> None:
-    remote = await grow.create(acme(status="archived", vat_number="US123"))
+async def test_from_wire_maps_the_documented_client_object_and_its_account_owner(grow: GrowCRM) -> None:
+    remote = await grow.get((await grow.create(acme(status="archived", vat_number="US123"))).id)
+    assert remote.data["account_owner"]["email"] == "jane@acme.example"
     client = grow.from_wire(remote.data)
     assert client.id == remote.id
     assert client.name == "Acme Inc"
+    assert (client.first_name, client.last_name, client.email) == ("Jane", "Doe", "jane@acme.example")
     assert client.vat_number == "US123"
     assert client.status == "archived"
     assert client.tags == ("priority",)
     assert client.billing_address == acme().billing_address
-    assert client.primary_contact == Contact(first_name="Jane", last_name="Doe", is_primary=True)
+
+
+async def test_from_wire_of_a_listed_record_falls_back_to_the_owners_name(grow: GrowCRM) -> None:
+    created = await grow.create(acme())
+    client = grow.from_wire(created.data)
+    assert (client.first_name, client.last_name, client.email) == ("Jane", "Doe", None)
 
 
 # --- delete, get, find, list ----------------------------------------------------------------

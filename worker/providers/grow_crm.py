@@ -15,6 +15,8 @@
 - `find` by email: client records carry no email and `/clients?search=` matches only the
   company name, so we search `/contacts` (which matches email), take the exact-email match
   and fetch its client.
+- `get` adds the account-owner contact (`GET /contacts?client_id=…&account_owner=yes`) to the
+  record as `account_owner`: the client object names its owner but carries no email.
 - Country is free text: alpha-2 ↔ English name via pycountry.
 
 Unconfirmed: whether PATCH clears omitted fields (we send every field we own, `""` for unset
@@ -145,14 +147,19 @@ class GrowCRM(ProviderAdapter):
                 postal_code=_text(billing.get("zip")),
                 country=code,
             )
-        owner = data.get("owner") if isinstance(data.get("owner"), dict) else {}
+        owner = data.get("account_owner") if isinstance(data.get("account_owner"), dict) else {}
         assert isinstance(owner, dict)
-        first, _, last = (_text(owner.get("name")) or "").partition(" ")
-        contacts = (Contact(first_name=first, last_name=last or None, is_primary=True),) if first else ()
+        first, last = _text(owner.get("first_name")), _text(owner.get("last_name"))
+        if not owner and isinstance(data.get("owner"), dict):  # a record not read through `get`
+            first, _, rest = (_text(data["owner"].get("name")) or "").partition(" ")
+            first, last = first or None, rest or None
         return Client(
             id=str(data["id"]),
             kind="company",
             name=_text(data.get("company_name")),
+            first_name=first,
+            last_name=last,
+            email=_text(owner.get("email")),
             notes=_text(data.get("description")),
             phone=_text(data.get("phone")),
             website=_text(data.get("website")),
@@ -160,7 +167,6 @@ class GrowCRM(ProviderAdapter):
             billing_address=address,
             tags=tuple(t for t in data.get("tags") or () if isinstance(t, str) and t.strip()),
             status="archived" if data.get("status") == "suspended" else "active",
-            contacts=contacts,
         )
 
     # --- the Clients API -----------------------------------------------------------------
@@ -185,7 +191,14 @@ class GrowCRM(ProviderAdapter):
         await self.request("DELETE", f"/clients/{_numeric(remote_id)}")
 
     async def get(self, remote_id: str) -> RemoteClient:
-        return self._remote(await self.request("GET", f"/clients/{_numeric(remote_id)}"))
+        remote = self._remote(await self.request("GET", f"/clients/{_numeric(remote_id)}"))
+        # The client object names its owner but not the owner's email: that lives on /contacts.
+        params: dict[str, str | int] = {"client_id": remote.id, "account_owner": "yes", "limit": 1}
+        answer = await self.request("GET", "/contacts", params=params)
+        owners = answer.get("data") if isinstance(answer, dict) else None
+        if isinstance(owners, list) and owners and isinstance(owners[0], dict):
+            return RemoteClient(id=remote.id, data={**remote.data, "account_owner": owners[0]})
+        return remote
 
     async def find(self, client: Client) -> RemoteClient | None:
         email = _owner(client)[2]

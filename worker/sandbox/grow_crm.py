@@ -176,17 +176,20 @@ class GrowCRMSandbox(SandboxProvider):
 
     async def _contacts(self, request: web.Request) -> web.Response:
         term = request.query.get("search", "").casefold()
-        client_id = request.query.get("client_id")
+        client_id, owner_flag = request.query.get("client_id"), request.query.get("account_owner")
         rows = []
         for user in sorted(self.users.values(), key=lambda u: int(u["id"])):
             haystack = " ".join(str(user[k] or "") for k in ("first_name", "last_name", "email", "phone"))
+            client = self.clients[str(user["client_id"])]
+            is_owner = "yes" if client["owner"]["id"] == user["id"] else "no"
             if term not in haystack.casefold() or client_id not in (None, str(user["client_id"])):
                 continue
-            client = self.clients[str(user["client_id"])]
+            if owner_flag not in (None, is_owner):
+                continue
             rows.append({
                 **{k: user[k] for k in ("id", "first_name", "last_name", "email", "phone")},
                 "name": f"{user['first_name']} {user['last_name']}",
-                "account_owner": "yes" if client["owner"]["id"] == user["id"] else "no",
+                "account_owner": is_owner,
                 "status": "active",
                 "client": {"id": client["id"], "company_name": client["company_name"]},
             })  # fmt: skip
