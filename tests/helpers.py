@@ -1,0 +1,104 @@
+"""Helpers for end-to-end tests: signed webhooks, ledger polling, sandbox inspection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.web.signatures import decode_secret, sign
+
+FINAL = {"succeeded", "skipped", "dead"}
+
+
+def change(
+    event_id: str,
+    client_id: str,
+    *,
+    action: str = "upsert",
+    name: str | None = None,
+    email: str | None = None,
+    at: datetime | None = None,
+    version: int | None = None,
+    **client: Any,
+) -> dict[str, Any]:
+    """A ClientChange JSON object."""
+    body: dict[str, Any] = {
+        "event_id": event_id,
+        "occurred_at": (at or datetime.now(UTC)).isoformat(),
+        "action": action,
+        "client": {"id": client_id, "name": name or f"Client {client_id}",
+                   "email": email or f"{client_id}@example.com", **client},
+    }
+    if version is not None:
+        body["version"] = version
+    return body
+
+
+def minutes_ago(n: float) -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=n)
+
+
+def signed_headers(secret: str, body: bytes, msg_id: str | None = None, ts: int | None = None) -> dict[str, str]:
+    msg_id = msg_id or f"msg_{time.time_ns()}"
+    ts = ts if ts is not None else int(time.time())
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(decode_secret(secret), msg_id, ts, body),
+        "content-type": "application/json",
+    }
+
+
+async def post_webhook(session: aiohttp.ClientSession, url: str, secret: str, payload: dict[str, Any]) -> int:
+    body = json.dumps(payload).encode()
+    async with session.post(f"{url}/webhooks/clients", data=body, headers=signed_headers(secret, body)) as r:
+        await r.read()
+        return r.status
+
+
+async def wait_jobs(redis_url: str, job_ids: Iterable[str], *, timeout: float = 60.0,
+                    states: set[str] = FINAL) -> dict[str, dict[str, str]]:
+    """Poll the ledger until every job is in one of `states`; return their records."""
+    ids = list(job_ids)
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            async with client.pipeline(transaction=False) as pipe:
+                for j in ids:
+                    pipe.hgetall(keys.job(j))
+                records = dict(zip(ids, await pipe.execute(), strict=True))
+            pending = [j for j, r in records.items() if r.get("state") not in states]
+            if not pending:
+                return records
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(pending)} jobs not final after {timeout}s, e.g. "
+                                     f"{pending[0]}: {records[pending[0]]}")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
+
+
+async def sandbox_clients(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
+    async with session.get(f"{base}/_sandbox/clients") as r:
+        data: dict[str, Any] = await r.json()
+        return list(data["clients"])
+
+
+async def sandbox_calls(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
+    async with session.get(f"{base}/_sandbox/calls") as r:
+        data: dict[str, Any] = await r.json()
+        return list(data["calls"])
+
+
+async def set_faults(session: aiohttp.ClientSession, base: str, **faults: Any) -> None:
+    async with session.post(f"{base}/_sandbox/faults", json=faults) as r:
+        assert r.status == 200, await r.text()
