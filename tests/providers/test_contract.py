@@ -31,12 +31,16 @@ from worker.providers.base import ProviderAdapter
 from worker.sandbox.server import RunningSandbox
 
 PROVIDERS = [
+    "request_finance",
+    "grow_crm",
     "invoice_ninja",
 ]
 
 #: fields (beyond name/email) a provider holds and gives back unchanged; keep it minimal
 EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
     "invoice_ninja": ("kind", "phone", "vat_number", "billing_address", "currency"),
+    "request_finance": ("kind", "phone", "vat_number", "billing_address"),
+    "grow_crm": ("phone", "vat_number", "billing_address"),
 }
 #: an optional field that, once removed from the canonical client, must be gone at the provider
 CLEARABLE_FIELD: dict[str, str] = {}  # default "phone"
@@ -49,7 +53,15 @@ def rejected_client() -> Client:
 
 
 #: provider -> a client it rejects, when the default above is accepted by that provider
-REJECTED: dict[str, Callable[[], Client]] = {}
+REJECTED: dict[str, Callable[[], Client]] = {
+    # Neither documents length limits; each refuses a client missing a field it requires.
+    "request_finance": lambda: sample(email=None),
+    "grow_crm": lambda: sample(last_name=None),
+}
+#: provider -> round-trip cases it refuses by design (it must say so with LocalValidationError)
+REFUSED: dict[str, set[str]] = {
+    "grow_crm": {"only_name_and_email"},  # create needs first_name + last_name for the owner user
+}
 
 
 def sample(kind: str = "company", **fields: Any) -> Client:
@@ -239,4 +251,9 @@ ROUND_TRIPS: dict[str, Callable[[], Client]] = {
 @pytest.mark.parametrize("case", list(ROUND_TRIPS))
 async def test_mapping_round_trip_keeps_what_the_provider_holds(env: Env, case: str) -> None:
     client = ROUND_TRIPS[case]()
+    if case in REFUSED.get(env.name, set()):
+        with pytest.raises(LocalValidationError) as info:
+            await env.round_trip(client)
+        assert info.value.field_errors
+        return
     assert_core_survives(env.name, client, await env.round_trip(client))
