@@ -117,8 +117,25 @@ async def test_put_is_partial_and_leaves_omitted_fields_unchanged(lsp: Setup) ->
     updated = await adapter.update(remote.id, acme(name="Acme SAS", vat_number=None, status="archived"))
     assert updated.data["name"] == "Acme SAS"
     assert updated.data["archived"] is True
-    # a field cleared at the source is omitted, so LSP.expert keeps it (documented limitation)
-    assert updated.data["vatNumber"] == "FR12345678901"
+    # a field cleared at the source is sent as "" so the partial PUT empties it
+    assert updated.data["vatNumber"] == ""
+    assert adapter.from_wire(updated.data).vat_number is None
+    assert adapter.from_wire(updated.data).status == "archived"
+
+
+async def test_a_changed_phone_updates_the_clients_own_contact_in_place(lsp: Setup) -> None:
+    adapter, sim = lsp
+    remote = await adapter.create(acme(phone="+33 1 23 45 67 89"))
+    assert adapter.from_wire(remote.data).phone == "+33 1 23 45 67 89"
+    sim.calls.clear()
+    updated = await adapter.update(remote.id, acme(phone=None))
+    assert adapter.from_wire(updated.data).phone is None
+    assert len(sim.clients[remote.id]["contacts"]) == 2
+    puts = [
+        c.path.removeprefix(f"/lsp_expert/v2/clients/{remote.id}") for c in sim.calls if c.method == "PUT"
+    ]
+    own = sim.clients[remote.id]["contacts"][0]["id"]
+    assert puts == ["", f"/contacts/{own}"]  # the client, then only the contact that changed
 
 
 async def test_update_adds_only_the_contacts_that_are_missing(lsp: Setup) -> None:
@@ -131,14 +148,27 @@ async def test_update_adds_only_the_contacts_that_are_missing(lsp: Setup) -> Non
     assert emails == ["billing@acme.example", "jane@acme.example", "max@acme.example"]
 
 
-async def test_list_walks_every_page_of_twenty(lsp: Setup) -> None:
+async def test_list_walks_every_page_by_has_next_page(lsp: Setup) -> None:
     adapter, sim = lsp
     for n in range(45):
         await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:02d}"})
+    first = await adapter.request("GET", "/v2/clients")
+    assert (first["pageSize"], first["totalPages"], first["totalItems"]) == (20, 3, 45)
+    assert (first["hasNextPage"], first["hasPreviousPage"]) == (True, False)
     sim.calls.clear()
-    names = [c.data["name"] async for c in adapter.list()]
+    names = [c.data["name"] async for c in adapter.list(page_size=20)]
     assert names == [f"Client {n:02d}" for n in range(45)]
-    assert [c.path for c in sim.calls] == [f"/lsp_expert/v2/clients?page={p}" for p in (1, 2, 3)]
+    assert [c.path for c in sim.calls] == [f"/lsp_expert/v2/clients?page={p}&pageSize=20" for p in (1, 2, 3)]
+
+
+async def test_list_still_walks_every_page_when_the_server_ignores_page_size(lsp: Setup) -> None:
+    adapter, sim = lsp
+    sim.honour_page_size = False
+    for n in range(25):
+        await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:02d}"})
+    sim.calls.clear()
+    assert len([c async for c in adapter.list(page_size=100)]) == 25
+    assert len(sim.calls) == 2
 
 
 async def test_an_unknown_id_is_not_found_with_the_providers_message(lsp: Setup) -> None:

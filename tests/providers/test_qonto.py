@@ -222,14 +222,17 @@ async def test_the_deprecated_root_level_address_is_refused_by_the_simulator(qon
     assert "city" in info.value.field_errors
 
 
-async def test_patch_is_partial(qonto: Setup) -> None:
+async def test_patch_is_partial_and_a_cleared_field_is_sent_as_null(qonto: Setup) -> None:
     adapter, sim = qonto
     remote = await adapter.create(company())
-    updated = await adapter.update(remote.id, company(name="Acme Group", email=None, currency="USD"))
+    await adapter.request("PATCH", f"/v2/clients/{remote.id}", json_body={"currency": "USD"})
+    assert sim.clients[remote.id]["vat_number"] == "FR65827999616"  # omitted, so kept
+    updated = await adapter.update(remote.id, company(name="Acme Group", vat_number=None, phone=None))
     assert updated.data["name"] == "Acme Group"
-    assert updated.data["currency"] == "USD"
-    assert updated.data["email"] == "billing@acme.example"  # omitted, so kept
-    assert [c.method for c in sim.calls] == ["POST", "PATCH"]
+    assert updated.data["currency"] == "EUR"
+    assert (updated.data["vat_number"], updated.data["phone"]) == (None, None)
+    assert updated.data["email"] == "billing@acme.example"
+    assert [c.method for c in sim.calls] == ["POST", "PATCH", "PATCH"]
 
 
 async def test_delete_answers_204_then_get_is_not_found(qonto: Setup) -> None:

@@ -3,31 +3,35 @@
 - Auth: HTTP Basic, the API key as user name and an empty password (`curl -u {key}:`).
 - Idempotency: none documented; a create is never safe to repeat, so `find` runs first.
 - Update: `PUT` is partial ("any parameters not provided will be left unchanged"), so a
-  field cleared at the source is not cleared here (null semantics undocumented).
+  field cleared at the source is sent as "" (the docs' bodies are form-encoded, where ""
+  is the only way to say "empty"; whether LSP.expert clears on "" is unconfirmed).
 - Delete: `DELETE /v2/clients/{id}` is inferred, not seen verbatim; hard or soft is not
   stated. `archived: true` (canonical status "archived") is the documented soft path.
-- Contacts are a sub-resource `/v2/clients/{id}/contacts` (`fullName` required). Create
-  posts every contact after the client; update only adds contacts whose email (or name)
-  is not there yet: contact update/delete paths are undocumented, so none are changed or
-  removed. The client's own email/phone travel as a contact (LSP clients have no email).
-  Adding missing contacts on update also repairs a create that died between the calls.
+- Contacts are a sub-resource `/v2/clients/{id}/contacts` (`fullName` required); the
+  client's own email/phone travel as its first contact (LSP clients have no email field).
+  Create posts each contact after the client. Update matches the client's embedded
+  `contacts` by email (else full name): a missing one is posted, a changed one is `PUT`
+  to `/v2/clients/{id}/contacts/{contactId}` (inferred path [?]), and none is deleted
+  (contacts the source dropped stay). Posting missing ones also repairs a create that died
+  between the client and its contacts (the retry adopts the client via `find`).
 - Find: no filter is documented, so `find` scans every page for an exact VAT number,
   national id, contact email, or name match, in that order of trust.
-- Lists: `page` (1-based) -> `{items, page, totalPages, hasNextPage, ...}`; the page size
-  (20) is the server's, no parameter is documented.
+- Lists: `page` (1-based) -> `{items, page, totalPages, hasNextPage, ...}`, 20 a page.
+  No page-size parameter is documented; `pageSize` (the envelope's own field name) is
+  sent as a hint, and paging follows `hasNextPage`, so it works if the server ignores it.
 
 Unconfirmed [?]: the client paths themselves, JSON bodies (the docs' examples are
 form-encoded), the read shape of `address` beyond `name`, error codes for 401/422/429,
-rate limits (none documented).
+rate limits (none documented), the contact update path.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError
@@ -54,10 +58,15 @@ class LSPExpertConfig(ProviderConfig):
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
 
 class _Contact(_Wire):
     id: str | None = None
-    full_name: str = Field(alias="fullName")
+    full_name: str = Field("", alias="fullName")
     email: str | None = None
     phone: str | None = None
 
@@ -81,7 +90,7 @@ class _Invoice(_Wire):
 
 class _ClientRead(_Wire):
     id: str
-    name: str = ""
+    name: str | None = None
     address: _AddressRead | None = None
     archived: bool = False
     contacts: list[_Contact] = []
@@ -123,29 +132,31 @@ class LSPExpert(ProviderAdapter):
             )
 
     def to_wire(self, client: Client, *, existing: RemoteClient | None = None) -> dict[str, Any]:
+        a = client.billing_address
         body: dict[str, Any] = {
-            "name": client.display_name,
-            "vatNumber": client.vat_number,
-            "nationalIdentificationNumber": client.tax_id,
-            "currency": client.currency,
-            "details": client.notes,
-            "archived": client.status == "archived",
-        }
-        if a := client.billing_address:
-            body |= {
-                "addressLine1": a.line1, "addressLine2": a.line2, "addressCity": a.city,
-                "addressState": a.region, "addressPostalCode": a.postal_code, "addressCountry": a.country,
-            }  # fmt: skip
-        return {k: v for k, v in body.items() if v is not None}
+            "name": client.display_name, "vatNumber": client.vat_number,
+            "nationalIdentificationNumber": client.tax_id, "currency": client.currency,
+            "details": client.notes, "archived": client.status == "archived",
+            "addressLine1": a and a.line1, "addressLine2": a and a.line2, "addressCity": a and a.city,
+            "addressState": a and a.region, "addressPostalCode": a and a.postal_code,
+            "addressCountry": a and a.country,
+        }  # fmt: skip
+        kept = {k: v for k, v in body.items() if v is not None}
+        # a partial PUT keeps omitted fields: say "empty" for what the source cleared (not currency)
+        cleared = {k: "" for k, v in body.items() if v is None and k != "currency"}
+        return kept if existing is None else kept | cleared
 
-    def contacts_to_wire(self, client: Client) -> list[dict[str, Any]]:
-        """The contacts to hold at LSP.expert; the client's own email/phone become one."""
-        out = [_contact_wire(c) for c in client.contacts]
+    def contacts_to_wire(self, client: Client) -> list[dict[str, str]]:
+        """The contacts to hold at LSP.expert ("" = none); the client's own email/phone lead."""
+        out = [
+            {"fullName": _full_name(c.first_name, c.last_name) or c.email or "", "email": c.email or "",
+             "phone": c.phone or (client.phone if c.email and c.email == client.email else None) or ""}
+            for c in client.contacts
+        ]  # fmt: skip
         if client.email and all(c.email != client.email for c in client.contacts):
-            person = " ".join(p for p in (client.first_name, client.last_name) if p)
-            out.insert(0, {"fullName": person or client.display_name or client.email,
-                           "email": client.email, "phone": client.phone})  # fmt: skip
-        return [{k: v for k, v in c.items() if v is not None} for c in out if c["fullName"]]
+            full = _full_name(client.first_name, client.last_name) or client.display_name or client.email
+            out.insert(0, {"fullName": full, "email": client.email, "phone": client.phone or ""})
+        return [c for c in out if c["fullName"]]
 
     def from_wire(self, data: dict[str, Any]) -> Client:
         w = _ClientRead.model_validate(data)
@@ -158,13 +169,14 @@ class LSPExpert(ProviderAdapter):
         contacts = tuple(
             Contact(first_name=c.full_name.partition(" ")[0] or None,
                     last_name=c.full_name.partition(" ")[2] or None, email=c.email, phone=c.phone)
-            for c in w.contacts
+            for c in w.contacts if c.full_name or c.email
         )  # fmt: skip
+        own = next((c for c in contacts if c.email), None)
         currency = w.invoice.currency.code if w.invoice and w.invoice.currency else None
         return Client(
-            id=w.id, name=w.name or None, email=next((c.email for c in contacts if c.email), None),
-            vat_number=w.vat_number or None, tax_id=w.national_id or None, billing_address=address,
-            currency=currency, notes=w.details or None, contacts=contacts,
+            id=w.id, name=w.name, email=own and own.email, phone=own and own.phone,
+            vat_number=w.vat_number, tax_id=w.national_id, billing_address=address,
+            currency=currency, notes=w.details, contacts=contacts,
             status="archived" if w.archived else "active",
         )  # fmt: skip
 
@@ -172,20 +184,14 @@ class LSPExpert(ProviderAdapter):
     async def create(self, client: Client) -> RemoteClient:
         self.validate(client)
         data = await self.request("POST", CLIENTS, json_body=self.to_wire(client))
-        remote_id = str(data["id"])
-        for contact in self.contacts_to_wire(client):
-            await self.request("POST", f"{CLIENTS}/{remote_id}/contacts", json_body=contact)
-        return await self.get(remote_id)
+        await self._sync_contacts(str(data["id"]), client, [])
+        return await self.get(str(data["id"]))
 
     async def update(self, remote_id: str, client: Client) -> RemoteClient:
         self.validate(client)
-        await self.request("PUT", f"{CLIENTS}/{remote_id}", json_body=self.to_wire(client))
-        page = await self.request("GET", f"{CLIENTS}/{remote_id}/contacts")
-        current = page.get("items", []) if isinstance(page, dict) else page or []
-        have = {str(c.get(k) or "").lower() for c in current for k in ("email", "fullName")} - {""}
-        for contact in self.contacts_to_wire(client):
-            if str(contact.get("email") or contact["fullName"]).lower() not in have:
-                await self.request("POST", f"{CLIENTS}/{remote_id}/contacts", json_body=contact)
+        existing = await self.get(remote_id)
+        await self.request("PUT", f"{CLIENTS}/{remote_id}", json_body=self.to_wire(client, existing=existing))
+        await self._sync_contacts(remote_id, client, existing.data.get("contacts") or [])
         return await self.get(remote_id)
 
     async def delete(self, remote_id: str) -> None:
@@ -201,7 +207,7 @@ class LSPExpert(ProviderAdapter):
         keys = (
             ("vatNumber", want.get("vatNumber")),
             ("nationalIdentificationNumber", want.get("nationalIdentificationNumber")),
-            ("email", (client.email or "").lower() or None),
+            ("email", (client.email or "").casefold() or None),
             ("name", want.get("name")),
         )
         for key, value in keys:
@@ -211,23 +217,35 @@ class LSPExpert(ProviderAdapter):
         return None
 
     async def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:
-        # `page_size` is ignored: LSP.expert documents no page-size parameter.
         page = 1
         while True:
-            data = await self.request("GET", CLIENTS, params={"page": page})
+            data = await self.request("GET", CLIENTS, params={"page": page, "pageSize": page_size})
             for item in data.get("items", []):
                 yield RemoteClient(id=str(item["id"]), data=item)
             if not data.get("hasNextPage") or page >= int(data.get("totalPages") or page):
                 return
             page += 1
 
+    async def _sync_contacts(self, remote_id: str, client: Client, current: Sequence[dict[str, Any]]) -> None:
+        path = f"{CLIENTS}/{remote_id}/contacts"
+        held = {_contact_key(c): c for c in current}
+        for want in self.contacts_to_wire(client):
+            have = held.get(_contact_key(want))
+            if have is None:
+                await self.request("POST", path, json_body={k: v for k, v in want.items() if v})
+            elif any((have.get(k) or "") != v for k, v in want.items()):
+                await self.request("PUT", f"{path}/{have['id']}", json_body=want)
 
-def _contact_wire(contact: Contact) -> dict[str, Any]:
-    full = " ".join(p for p in (contact.first_name, contact.last_name) if p)
-    return {"fullName": full or contact.email, "email": contact.email, "phone": contact.phone}
+
+def _full_name(first: str | None, last: str | None) -> str:
+    return " ".join(p for p in (first, last) if p)
+
+
+def _contact_key(contact: dict[str, Any]) -> str:
+    return str(contact.get("email") or contact.get("fullName") or "").casefold()
 
 
 def _values(record: dict[str, Any], key: str) -> set[Any]:
     if key == "email":
-        return {str(c.get("email") or "").lower() for c in record.get("contacts") or []}
+        return {str(c.get("email") or "").casefold() for c in record.get("contacts") or []}
     return {record.get(key)}

@@ -5,7 +5,9 @@
 - Idempotency: `X-Qonto-Idempotency-Key` exists but is not documented for `POST /v2/clients`
   (and Qonto has no uniqueness rule for clients), so it is not sent; `find` (by
   `filter[email]`, then VAT number, then tax id, each re-checked exactly) runs first.
-- Update: `PATCH`, partial; a field cleared at the source is omitted, so Qonto keeps it.
+- Update: `PATCH`, partial, so a field cleared at the source is sent as `null` (email,
+  phone, VAT number, tax id, delivery address, a company's contact names); currency,
+  locale and billing address are never nulled (Qonto needs them to invoice).
 - Delete: `DELETE` -> 204, permanent, cancels the client's recurring invoices; later GETs 404.
 - Names: `kind` decides them: company -> `name` (the company name, else "first last");
   individual -> `first_name` + `last_name`. Addresses go in `billing_address` /
@@ -29,7 +31,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError
@@ -38,6 +40,7 @@ from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
 
 CLIENTS = "/v2/clients"
 LOCALES = frozenset({"fr", "en", "it", "de", "es"})
+CLEARABLE = ("email", "phone", "vat_number", "tax_identification_number", "delivery_address")
 # canonical field -> max length (docs' field limits); address limits apply to each address
 LIMITS = {"name": 250, "first_name": 60, "last_name": 60, "vat_number": 20, "tax_id": 20}
 ADDRESS_LIMITS = {"street (line1, line2)": 250, "city": 50, "postal_code": 20}
@@ -63,6 +66,11 @@ class QontoConfig(ProviderConfig):
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
 class _Address(_Wire):
@@ -146,6 +154,9 @@ class Qonto(ProviderAdapter):
             raise LocalValidationError(f"invalid for Qonto: {text}", provider=self.name, field_errors=errors)
 
     def to_wire(self, client: Client, *, existing: RemoteClient | None = None) -> dict[str, Any]:
+        return self._payload(client, clear=existing is not None)
+
+    def _payload(self, client: Client, *, clear: bool) -> dict[str, Any]:
         locale = (client.locale or "")[:2]
         body: dict[str, Any] = {
             "kind": client.kind,
@@ -157,7 +168,8 @@ class Qonto(ProviderAdapter):
             "billing_address": _address(client.billing_address),
             "delivery_address": _address(client.shipping_address),
         }  # fmt: skip
-        return {k: v for k, v in body.items() if v is not None}
+        clearable = (*CLEARABLE, "first_name", "last_name") if client.kind == "company" else CLEARABLE
+        return {k: v for k, v in body.items() if v is not None or (clear and k in clearable)}
 
     def from_wire(self, data: dict[str, Any]) -> Client:
         w = _Client.model_validate(data)
@@ -179,7 +191,9 @@ class Qonto(ProviderAdapter):
 
     async def update(self, remote_id: str, client: Client) -> RemoteClient:
         self.validate(client)
-        return _remote(await self.request("PATCH", f"{CLIENTS}/{remote_id}", json_body=self.to_wire(client)))
+        return _remote(
+            await self.request("PATCH", f"{CLIENTS}/{remote_id}", json_body=self._payload(client, clear=True))
+        )
 
     async def delete(self, remote_id: str) -> None:
         await self.request("DELETE", f"{CLIENTS}/{remote_id}")

@@ -8,8 +8,10 @@ totalItems, hasNextPage, hasPreviousPage}`. Bodies may be JSON or form-encoded (
 examples use `curl -d`).
 
 Choices where the docs are silent: a 422 adds Mongoose-style `errors: {field: {message,
-kind, path}}`; `DELETE` is a hard delete answering the deleted record; `null` in a `PUT`
-clears a field; unknown fields are ignored.
+kind, path}}`; `DELETE` is a hard delete answering the deleted record; "" or `null` in a
+`PUT` clears a field; unknown fields are ignored; `PUT /v2/clients/{id}/contacts/{contactId}`
+updates a contact (path inferred). Lists honour a `pageSize` query parameter (1-100; the
+real API documents none) unless `honour_page_size` is turned off, as it may be there.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ def _required(field: str) -> web.Response:
     )  # fmt: skip
 
 
-def _page(items: list[dict[str, Any]], page: int) -> dict[str, Any]:
-    total_pages = max(1, math.ceil(len(items) / PAGE_SIZE))
-    start = (page - 1) * PAGE_SIZE
+def _page(items: list[dict[str, Any]], page: int, size: int = PAGE_SIZE) -> dict[str, Any]:
+    total_pages = max(1, math.ceil(len(items) / size))
+    start = (page - 1) * size
     return {
-        "items": items[start : start + PAGE_SIZE], "pageSize": PAGE_SIZE, "page": page,
+        "items": items[start : start + size], "pageSize": size, "page": page,
         "totalPages": total_pages, "totalItems": len(items),
         "hasNextPage": page < total_pages, "hasPreviousPage": page > 1,
     }  # fmt: skip
@@ -69,6 +71,8 @@ def _page(items: list[dict[str, Any]], page: int) -> dict[str, Any]:
 
 class LSPExpertSandbox(SandboxProvider):
     name = "lsp_expert"
+    #: False = ignore `pageSize` and always answer 20 a page (the documented behaviour)
+    honour_page_size = True
 
     @classmethod
     def default_credentials(cls) -> dict[str, str]:
@@ -112,6 +116,7 @@ class LSPExpertSandbox(SandboxProvider):
         app.router.add_delete("/v2/clients/{id}", self._delete)
         app.router.add_get("/v2/clients/{id}/contacts", self._list_contacts)
         app.router.add_post("/v2/clients/{id}/contacts", self._create_contact)
+        app.router.add_put("/v2/clients/{id}/contacts/{contact_id}", self._update_contact)
 
     # --- helpers -------------------------------------------------------------------------
     def object_id(self) -> str:
@@ -166,6 +171,7 @@ class LSPExpertSandbox(SandboxProvider):
     async def _list(self, request: web.Request) -> web.Response:
         try:
             page = max(1, int(request.query.get("page", "1")))
+            size = min(100, max(1, int(request.query.get("pageSize", PAGE_SIZE))))
         except ValueError:
             return _error(400, "page must be a positive integer", "BadRequest", "parameter_invalid")
         items = list(self.clients.values())
@@ -173,7 +179,7 @@ class LSPExpertSandbox(SandboxProvider):
             items.sort(key=lambda c: str(c.get("name", "")).lower())
         if request.query.get("direction") == "desc":
             items.reverse()
-        return web.json_response(_page(items, page))
+        return web.json_response(_page(items, page, size if self.honour_page_size else PAGE_SIZE))
 
     async def _create(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -231,3 +237,19 @@ class LSPExpertSandbox(SandboxProvider):
         contact["id"] = self.object_id()
         record["contacts"].append(contact)
         return web.json_response(contact, status=201)
+
+    async def _update_contact(self, request: web.Request) -> web.Response:
+        record = self.clients.get(request.match_info["id"])
+        contact = next(
+            (c for c in (record or {}).get("contacts", []) if c["id"] == request.match_info["contact_id"]),
+            None,
+        )
+        if record is None or contact is None:
+            return _not_found()
+        body = await self._body(request)
+        if body is None:
+            return _error(400, "Body must be a JSON object", "BadRequest", "parameter_invalid")
+        if "fullName" in body and not str(body["fullName"] or "").strip():
+            return _required("fullName")
+        contact.update({k: body[k] for k in _CONTACT_FIELDS if k in body})
+        return web.json_response(contact)
