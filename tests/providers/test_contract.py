@@ -34,6 +34,8 @@ PROVIDERS = [
     "request_finance",
     "grow_crm",
     "invoice_ninja",
+    "lsp_expert",
+    "qonto",
 ]
 
 #: fields (beyond name/email) a provider holds and gives back unchanged; keep it minimal
@@ -41,6 +43,8 @@ EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
     "invoice_ninja": ("kind", "phone", "vat_number", "billing_address", "currency"),
     "request_finance": ("kind", "phone", "vat_number", "billing_address"),
     "grow_crm": ("phone", "vat_number", "billing_address"),
+    "lsp_expert": ("phone", "vat_number", "billing_address", "currency"),
+    "qonto": ("kind", "vat_number", "billing_address", "currency"),
 }
 #: an optional field that, once removed from the canonical client, must be gone at the provider
 CLEARABLE_FIELD: dict[str, str] = {}  # default "phone"
@@ -57,6 +61,8 @@ REJECTED: dict[str, Callable[[], Client]] = {
     # Neither documents length limits; each refuses a client missing a field it requires.
     "request_finance": lambda: sample(email=None),
     "grow_crm": lambda: sample(last_name=None),
+    # LSP.expert documents no length limits; `name` (here: no company or person name) is required.
+    "lsp_expert": lambda: Client(id=f"src-{uuid.uuid4().hex[:8]}", email="nameless@example.com"),
 }
 #: provider -> round-trip cases it refuses by design (it must say so with LocalValidationError)
 REFUSED: dict[str, set[str]] = {
