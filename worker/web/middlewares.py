@@ -21,8 +21,8 @@ def json_error(status: int, message: str, *, headers: dict[str, str] | None = No
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, f"body larger than {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(413, "body larger than the limit (CLIENTSYNC_MAX_BODY_BYTES)")
     except web.HTTPException as exc:
         if exc.content_type == "application/json" or exc.status < 400:
             raise
