@@ -122,7 +122,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
 
     async def serve() -> None:
-        sb = await start_sandbox(host="127.0.0.1", port=args.port, names=names)
+        sb = await start_sandbox(host=args.host, port=args.port, names=names)
         print(f"sandbox providers on {sb.root}:")
         for name in sb.simulators:
             print(f"  {name:16} {sb.base_url(name)}")
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("sandbox", help="serve the simulated providers on loopback")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (a container needs 0.0.0.0)")
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--providers", help="comma-separated subset (default: all)")
     p.set_defaults(func=cmd_sandbox)

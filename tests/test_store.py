@@ -1,0 +1,104 @@
+"""The exactly-once Lua scripts against a real redis-server: claims, leases, locks, marks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.store import SyncStore
+
+P, C = "invoice_ninja", "client-1"
+
+
+@pytest.fixture
+async def store(fresh_redis_url: str) -> AsyncIterator[SyncStore]:
+    client = aioredis.from_url(fresh_redis_url)
+    yield SyncStore(client, idempotency_ttl=3600, lease_seconds=5)
+    await client.aclose()
+
+
+async def test_a_completed_key_returns_its_stored_outcome(store: SyncStore) -> None:
+    first = await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    assert first.status == "go" and first.state is not None and not first.state.takeover
+    await store.finish("k1", P, C, owner="w1", outcome={"result": "created", "provider_id": "X"}, link="X")
+    again = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=2000)
+    assert again.status == "done" and again.outcome == {"result": "created", "provider_id": "X"}
+    assert await store.link(P, C) == "X"
+
+
+async def test_the_same_key_with_another_payload_is_a_conflict(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp-a", owner="w1", now_ms=1000)
+    assert (await store.begin("k1", P, C, fingerprint="fp-b", owner="w2", now_ms=1001)).status == "conflict"
+
+
+async def test_a_live_claim_is_in_flight_and_an_expired_one_is_taken_over(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    busy = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=2000)
+    assert busy.status == "inflight" and busy.wait_seconds == pytest.approx(4.0)
+    # w1 died: its lock key expires with the lease, and its claim is older than the lease.
+    await store.redis.delete(keys.client_lock(P, C))
+    taken = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=7000)
+    assert taken.status == "go" and taken.state is not None and taken.state.takeover
+    # The dead holder cannot finish over the new owner.
+    assert not await store.finish("k1", P, C, owner="w1", outcome={"result": "created"})
+    assert await store.finish("k1", P, C, owner="w2", outcome={"result": "updated"})
+
+
+async def test_another_event_for_a_locked_client_waits(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    other = await store.begin("k2", P, C, fingerprint="fp2", owner="w2", now_ms=1001)
+    assert other.status == "locked" and 0 < other.wait_seconds <= 5
+    # The waiter claimed nothing, so after the holder aborts it goes ahead.
+    await store.abort("k1", P, C, owner="w1")
+    assert (await store.begin("k2", P, C, fingerprint="fp2", owner="w2", now_ms=1002)).status == "go"
+
+
+async def test_an_aborted_claim_can_be_run_again_by_a_retry(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.abort("k1", P, C, owner="w1")
+    assert (await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=1001)).status == "go"
+
+
+async def test_the_intent_survives_an_abort_and_is_cleared_by_finish(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    assert await store.mark_intent(P, C, owner="w1", intent="e1")
+    await store.abort("k1", P, C, owner="w1")
+    retry = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=1001)
+    assert retry.state is not None and retry.state.intent == "e1"
+    await store.finish("k1", P, C, owner="w2", outcome={"result": "adopted"}, link="X")
+    nxt = await store.begin("k2", P, C, fingerprint="fp2", owner="w3", now_ms=1002)
+    assert nxt.state is not None and nxt.state.intent is None and nxt.state.link == "X"
+
+
+async def test_only_the_lock_holder_can_record_an_intent(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    assert not await store.mark_intent(P, C, owner="intruder", intent="e9")
+
+
+async def test_marks_and_tombstones_are_recorded_and_compared(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.finish("k1", P, C, owner="w1", outcome={"result": "deleted"}, unlink=True,
+                       mark=(-1, 5_000_000), deleted=True)
+    state = (await store.begin("k2", P, C, fingerprint="fp", owner="w2", now_ms=1001)).state
+    assert state is not None and state.deleted and state.link is None
+    assert state.is_newer_than((-1, 4_000_000))  # older by time: stale
+    assert not state.is_newer_than((-1, 6_000_000))
+
+
+def test_versions_win_over_time_when_both_sides_have_one() -> None:
+    from worker.store import ClientState
+
+    applied = ClientState(link="X", mark_version=7, mark_micros=9_000, deleted=False, intent=None)
+    assert applied.is_newer_than((6, 99_000))  # lower version, later time: still stale
+    assert not applied.is_newer_than((8, 1_000))  # higher version, earlier time: applies
+    assert applied.is_newer_than((-1, 8_000))  # no version: time decides
+
+
+def test_idempotency_keys_are_derived_not_random() -> None:
+    a = keys.idempotency_key("evt-1", "qonto", "upsert")
+    assert a == keys.idempotency_key("evt-1", "qonto", "upsert")
+    assert a != keys.idempotency_key("evt-1", "qonto", "delete")
+    assert a != keys.idempotency_key("evt-1", "grow_crm", "upsert")
