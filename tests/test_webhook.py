@@ -109,8 +109,8 @@ async def test_a_webhook_signed_by_the_reference_package_is_queued(
     assert len(raw) == 1
     message = json.loads(raw[0])
     assert message["headers"]["task"] == "clientsync.sync_client"
-    args, kwargs, _embed = json.loads(base64.b64decode(message["properties"]["body_encoding"] == "base64"
-                                                        and message["body"]))
+    assert message["properties"]["body_encoding"] == "base64"
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     assert args[0]["event_id"] == "evt-ref-1" and args[0]["client"]["name"] == "Réf SA"
 
 

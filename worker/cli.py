@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -112,7 +113,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.hostname:
         argv += ["--hostname", args.hostname]
     os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the Celery worker
-    return 0  # pragma: no cover
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.providers import enabled_configs
 
     _logging("INFO")
-    stack = Stack(log_dir=None if args.quiet else None)
+    stack = Stack()
     data_dir = str(Path(args.data_dir).resolve())
     redis_url = stack.ensure_redis(persist_dir=data_dir)
     stack.ensure_secrets()
@@ -227,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: use the sandbox when no provider is configured")
     p.add_argument("--sandbox-port", type=int, default=8090)
     p.add_argument("--data-dir", default="var/redis", help="embedded Redis data (AOF)")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="start everything, send a few changes, show what happened, exit")
@@ -239,15 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: modules that add subcommand groups with a `register(subparsers)` function
+EXTENSIONS = ("worker.monitor_cli",)
+
+
 def _extensions() -> list[Any]:
-    """Subcommand groups kept in their own modules (e.g. the monitoring commands)."""
     found = []
-    try:
-        from worker.monitor_cli import register
-    except ImportError:
-        pass
-    else:
-        found.append(register)
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        found.append(module.register)
     return found
 
 

@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -66,12 +66,12 @@ def _post_webhook(url: str, secret: str, payload: dict[str, Any]) -> int:
         return status
 
 
-async def _wait(redis_url: str, job_ids: list[str], timeout: float) -> dict[str, dict[str, str]]:
+async def _wait(redis_url: str, job_ids: list[str], within: float) -> dict[str, dict[str, str]]:
     client = aioredis.from_url(redis_url, decode_responses=True)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
-            records = {j: await client.hgetall(keys.job(j)) for j in job_ids}
+            records = {j: cast(dict[str, str], await client.hgetall(keys.job(j))) for j in job_ids}
             if all(r.get("state") in FINAL for r in records.values()) or time.monotonic() > deadline:
                 return records
             await asyncio.sleep(0.3)

@@ -37,10 +37,9 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
-                if resp.status < 500:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310
+            if resp.status < 500:  # loopback only: our own child process
+                return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout:g}s")
 

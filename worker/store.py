@@ -133,7 +133,9 @@ class SyncStore:
 
     @staticmethod
     def _keys(idem_key: str, provider: str, client_id: str) -> list[str]:
-        return [keys.idempotency(idem_key), keys.client_state(provider, client_id), keys.client_lock(provider, client_id)]
+        return [
+            keys.idempotency(idem_key), keys.client_state(provider, client_id), keys.client_lock(provider, client_id)
+        ]
 
     async def begin(
         self, idem_key: str, provider: str, client_id: str, *, fingerprint: str, owner: str, now_ms: int

@@ -7,7 +7,6 @@ fixed order (see `classify`). Adapters never retry: the task layer owns retries.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
@@ -173,7 +172,7 @@ class ProviderAdapter(ABC):
                 raw = await resp.read()
                 status = resp.status
                 resp_headers = resp.headers
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ProviderUnavailable(
                 f"timed out after {self.config.timeout:g}s", provider=self.name
             ) from exc
@@ -194,7 +193,7 @@ class ProviderAdapter(ABC):
         raise self.refine_error(error, body)
 
     # --- the Clients API ---------------------------------------------------------------
-    def validate(self, client: Client) -> None:
+    def validate(self, client: Client) -> None:  # noqa: B027 - optional hook: most providers check little
         """Raise `LocalValidationError` naming the field and rule if the provider would reject it."""
 
     @abstractmethod

@@ -48,7 +48,9 @@ def build_app(simulators: dict[str, SandboxProvider]) -> web.Application:
     return root
 
 
-def make_simulators(names: list[str] | None = None, faults: dict[str, Faults] | None = None) -> dict[str, SandboxProvider]:
+def make_simulators(
+    names: list[str] | None = None, faults: dict[str, Faults] | None = None
+) -> dict[str, SandboxProvider]:
     chosen = names or list(SIMULATORS)
     return {n: simulator_class(n)(faults=(faults or {}).get(n)) for n in chosen}
 

@@ -19,7 +19,7 @@ log = logging.getLogger("clientsync.web")
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
 PRODUCER = web.AppKey("producer", Producer)
-WEBHOOK_KEYS = web.AppKey("webhook_keys", list[bytes])
+WEBHOOK_KEYS: web.AppKey[list[bytes]] = web.AppKey("webhook_keys")
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:

@@ -31,9 +31,9 @@ async def receive_client_webhook(request: web.Request) -> web.Response:
     received_at = time.time()
     settings = request.app[appmod.SETTINGS]
     body = await request.read()  # raises 413 past client_max_size
+    secrets: list[bytes] = request.app[appmod.WEBHOOK_KEYS]
     try:
-        verify(request.headers, body, request.app[appmod.WEBHOOK_KEYS],
-               tolerance=settings.webhook_tolerance_seconds)
+        verify(request.headers, body, secrets, tolerance=settings.webhook_tolerance_seconds)
     except SignatureError as exc:
         return json_error(401, f"invalid signature: {exc}")
     try:
