@@ -22,9 +22,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from worker import keys
-from worker.jobs import JobContext, RetryPolicy
+from worker.circuit import CircuitBreaker
+from worker.jobs import JobContext, RetryPolicy, before_call_hook
 from worker.ledger import Ledger
+from worker.parking import Parking
 from worker.providers import adapter_class, load_configs
+from worker.ratelimit import RateLimiter, limit_for
 from worker.settings import Settings
 from worker.store import SyncStore
 
@@ -58,8 +61,7 @@ class Runtime:
             connector=aiohttp.TCPConnector(limit=200, limit_per_host=max(20, s.worker_concurrency * 2)),
             headers={"User-Agent": "clientsync/0.1"},
         )
-        adapters, policies, disabled = {}, {}, {}
-        ceiling = s.visibility_timeout * 0.5
+        adapters, policies, disabled, limits = {}, {}, {}, {}
         for name, config in load_configs().items():
             if not config.is_configured():
                 disabled[name] = config.missing()
@@ -67,8 +69,14 @@ class Runtime:
             adapters[name] = adapter_class(name)(config, self.session)
             policies[name] = RetryPolicy.for_provider(
                 config, max_attempts=s.max_attempts, base=s.retry_base_seconds, cap=s.retry_cap_seconds,
-                ceiling=ceiling,
             )
+            limits[name] = limit_for(name, config)
+        # The retry engine: shared rate limits, circuits and parked retries, all in Redis.
+        limiter = RateLimiter(self.redis, limits, max_wait=s.rate_wait_seconds)
+        for adapter in adapters.values():
+            adapter.before_call = before_call_hook(limiter)
+        parking = Parking(self.redis, queue=s.queue)
+        self._mover_task = asyncio.get_running_loop().create_task(parking.run_mover(s.park_poll_seconds))
         owner = f"{socket.gethostname()}:{self.pid}"
         self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
         return JobContext(
@@ -80,6 +88,15 @@ class Runtime:
             owner=owner,
             lock_wait=s.lock_wait_seconds,
             rng=random.Random(),
+            parking=parking,
+            limiter=limiter,
+            circuit=CircuitBreaker(
+                self.redis, threshold=s.circuit_failure_threshold, cooldown=s.circuit_cooldown_seconds,
+                max_cooldown=s.circuit_max_cooldown_seconds, probe_lease=s.circuit_probe_lease_seconds,
+            ),
+            retry_after_max=s.retry_after_max_seconds,
+            circuit_recheck=s.circuit_recheck_seconds,
+            countdown_max=s.visibility_timeout / 4,
         )
 
     async def _beat(self, name: str) -> None:
@@ -93,6 +110,7 @@ class Runtime:
 
     async def _close(self) -> None:
         self._beat_task.cancel()
+        self._mover_task.cancel()
         await self.session.close()
         await self.redis.aclose()
 

@@ -1,8 +1,20 @@
 """Job-level logic between the Celery tasks and the use case, testable without Celery.
 
 `fan_out` validates a queued `sync_client` argument and opens one ledger job per target
-provider; `run_job` runs one attempt of one job and returns the decision (done, or retry
-in N seconds). The task layer only turns a decision into `self.retry(...)`.
+provider; `run_job` runs one attempt of one job and decides what comes next. It is the one
+owner of retries (adapters never loop):
+
+- the provider's circuit (`worker.circuit`) is asked first; while it is open the job is
+  parked until the probe time, shown as `retrying` (`circuit_open`), and spends no attempt;
+- a call the shared rate limit cannot fit soon (`worker.ratelimit.BucketEmpty`) parks the job
+  the same way (`rate_limited`), also without spending an attempt;
+- a permanent error is dead at once; a transient one is retried after a full-jitter
+  exponential backoff (a server's Retry-After wins; a 429's Retry-After also blocks every
+  other job's calls to that provider), until the provider's `max_attempts`;
+- every retry, short or long, is parked in Redis (`worker.parking`) rather than held as a
+  Celery countdown, so no delay can outlive the broker's visibility timeout and run twice.
+
+The task layer only turns a `Decision` into a return (or, if parking failed, `self.retry`).
 """
 
 from __future__ import annotations
@@ -11,22 +23,38 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from worker import keys
-from worker.backoff import retry_delay
-from worker.errors import Busy, ClientSyncError, InternalError, ProviderError
+from worker.backoff import RETRY_AFTER_MAX, retry_delay
+from worker.circuit import CircuitBreaker, CircuitState, Outcome
+from worker.errors import (
+    Busy,
+    ClientSyncError,
+    InternalError,
+    ProviderError,
+    RateLimitedError,
+    TransientError,
+)
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email
+from worker.parking import Parking
 from worker.providers.base import ProviderAdapter, ProviderConfig
+from worker.ratelimit import BucketEmpty, RateLimiter
 from worker.store import SyncStore
 from worker.sync import apply_change
 
 log = logging.getLogger("clientsync.jobs")
+
+#: provider calls made by the running job (counted by `before_call`): the circuit must know
+#: whether a job reached its provider at all
+_calls: ContextVar[list[int] | None] = ContextVar("clientsync_calls", default=None)
 
 
 @dataclass(frozen=True)
@@ -37,21 +65,28 @@ class RetryPolicy:
 
     @classmethod
     def for_provider(cls, config: ProviderConfig, *, max_attempts: int, base: float, cap: float,
-                     ceiling: float) -> RetryPolicy:
-        """The provider's own policy where set; every delay stays under `ceiling`."""
+                     ceiling: float | None = None) -> RetryPolicy:
+        """The provider's own policy where set (`CLIENTSYNC_<PROVIDER>_MAX_ATTEMPTS`, …), else the
+        global one. No visibility-timeout ceiling is needed: retries are parked, not countdowns."""
+        cap = config.retry_cap or cap
         return cls(
             max_attempts=config.max_attempts or max_attempts,
             base=config.retry_base or base,
-            cap=min(config.retry_cap or cap, ceiling),
+            cap=min(cap, ceiling) if ceiling is not None else cap,
         )
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What the task layer must do after one attempt."""
+    """What the task layer must do after one run of a job."""
 
-    retry_in: float | None = None  # None = finished (succeeded, skipped or dead)
-    state: str = "succeeded"
+    #: seconds for a Celery countdown: only set when parking in Redis failed (None = nothing to do)
+    retry_in: float | None = None
+    state: str = "succeeded"  # succeeded | skipped | dead | retrying
+    #: the attempt number the next run carries (the same one when no attempt was spent)
+    attempt: int | None = None
+    #: unix seconds the parked retry is due
+    next_attempt_at: float | None = None
 
 
 @dataclass
@@ -66,6 +101,27 @@ class JobContext:
     owner: str
     lock_wait: float
     rng: random.Random
+    parking: Parking | None = None  # None: retries fall back to Celery countdowns
+    limiter: RateLimiter | None = None
+    circuit: CircuitBreaker | None = None
+    retry_after_max: float = RETRY_AFTER_MAX
+    #: how soon a job waiting on a half-open circuit looks again (also the spread after a cool-down)
+    circuit_recheck: float = 1.0
+    #: the longest fallback countdown (keep it well under the broker's visibility timeout)
+    countdown_max: float = 60.0
+
+
+def before_call_hook(limiter: RateLimiter | None) -> Callable[[str], Awaitable[None]]:
+    """The adapters' `before_call`: take a shared rate-limit token, and count the call."""
+
+    async def before_call(provider: str) -> None:
+        if limiter is not None:
+            await limiter.acquire(provider)
+        box = _calls.get()
+        if box is not None:
+            box[0] += 1
+
+    return before_call
 
 
 def validation_message(exc: ValidationError) -> tuple[str, dict[str, list[str]]]:
@@ -108,58 +164,138 @@ async def fan_out(raw: Any, ctx: JobContext, *, task_id: str, received_at: float
 
 
 async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobContext) -> Decision:
-    """One attempt at one (event, provider) job; records the ledger and returns the decision."""
+    """One run of one (event, provider) job; records the ledger and returns the decision."""
     job_id = keys.job_id(provider, change.event_id)
     adapter = ctx.adapters.get(provider)
-    started = time.time()
     if adapter is None:
-        await ctx.ledger.dead(job_id, Attempt(attempt, started, "dead", "provider_disabled", None,
+        await ctx.ledger.dead(job_id, Attempt(attempt, time.time(), "dead", "provider_disabled", None,
                                               f"{provider} is not enabled: {ctx.disabled.get(provider, '?')}"))
         return Decision(state="dead")
-    await ctx.ledger.running(job_id)
     bound = {"event_id": change.event_id, "provider": provider, "attempt": attempt,
              "client": change.client.id, "email": mask_email(change.client.email)}
+    token = f"{ctx.owner}:{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
+    if ctx.circuit is not None:
+        verdict = await ctx.circuit.allow(provider, token)
+        if not verdict.go:
+            if verdict.state == "open":
+                delay = verdict.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
+                why = f"circuit open at {provider} after repeated failures; next probe in {verdict.wait:.1f}s"
+            else:
+                delay = ctx.circuit_recheck * ctx.rng.uniform(0.5, 1.5)
+                why = f"circuit half-open at {provider}: another job is probing it"
+            return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
+                               message=why)
+    started = time.time()
+    await ctx.ledger.running(job_id)
+    calls = [0]
+    counting = _calls.set(calls)
     try:
         outcome = await apply_change(change, adapter, ctx.store, owner=f"{ctx.owner}:{job_id}:{attempt}",
                                      lock_wait=ctx.lock_wait, rng=ctx.rng)
+    except BucketEmpty as exc:
+        await _record(ctx, provider, token, "neutral")
+        wait = exc.retry_after or 0.0
+        # Jitter: jobs turned away together must not all come back for the same one slot.
+        delay = wait + ctx.rng.uniform(0, min(max(wait, 0.5), 5.0))
+        return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason=exc.kind,
+                           message=str(exc))
     except ClientSyncError as exc:
-        return await _failed(job_id, attempt, started, exc, ctx.policies[provider], ctx, bound)
+        circuit = await _record(ctx, provider, token, _circuit_outcome(exc, calls[0]))
+        return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, circuit)
     except Exception as exc:
         # A bug or Redis trouble must not lose the job: retry it, and it ends dead with the
         # message rather than vanishing with an acked Celery message.
         log.exception("internal error %s", bound)
+        await _record(ctx, provider, token, "neutral")
         internal = InternalError(f"internal error: {exc!r}", provider=provider)
-        return await _failed(job_id, attempt, started, internal, ctx.policies[provider], ctx, bound)
+        return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
+    finally:
+        _calls.reset(counting)
     took = (time.time() - started) * 1000
     done = Attempt(attempt, started, "skipped" if outcome.result == "skipped" else "succeeded",
                    duration_ms=round(took, 1), message=outcome.reason or outcome.result)
     if outcome.result == "skipped":
-        await ctx.ledger.skipped(job_id, done, reason=outcome.reason or "skipped", provider_id=outcome.provider_id)
+        await ctx.ledger.skipped(job_id, done, reason=outcome.reason or "skipped",
+                                 provider_id=outcome.provider_id)
     else:
         await ctx.ledger.succeeded(job_id, done, result=outcome.result, provider_id=outcome.provider_id)
+    await _record(ctx, provider, token, "success" if calls[0] else "neutral")
     log.info("applied %s", {**bound, "result": outcome.result, "reason": outcome.reason,
                             "replayed": outcome.replayed, "ms": round(took, 1)})
     return Decision(state="skipped" if outcome.result == "skipped" else "succeeded")
 
 
-async def _failed(job_id: str, attempt: int, started: float, exc: ClientSyncError, policy: RetryPolicy,
-                  ctx: JobContext, bound: dict[str, Any]) -> Decision:
+def _circuit_outcome(exc: ClientSyncError, calls: int) -> Outcome:
+    """What one failed job tells the provider's circuit."""
+    if calls == 0 or isinstance(exc, RateLimitedError | InternalError):
+        return "neutral"  # never reached the provider, or it is up and only throttling
+    if isinstance(exc, TransientError):
+        return "failure"
+    if isinstance(exc, ProviderError) and exc.status is not None:
+        return "success"  # it answered (a 4xx): the provider is up
+    return "neutral"
+
+
+async def _record(ctx: JobContext, provider: str, token: str, outcome: Outcome) -> CircuitState | None:
+    if ctx.circuit is None:
+        return None
+    try:
+        return await ctx.circuit.record(provider, token, outcome)
+    except Exception:  # the job's own outcome matters more than the breaker's bookkeeping
+        log.warning("circuit bookkeeping failed for %s", provider, exc_info=True)
+        return None
+
+
+async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int, started: float,
+                  exc: ClientSyncError, ctx: JobContext, bound: dict[str, Any],
+                  circuit: CircuitState | None) -> Decision:
+    policy = ctx.policies[provider]
     status = exc.status if isinstance(exc, ProviderError) else None
     fields = exc.field_errors if isinstance(exc, ProviderError) else {}
     message = str(exc)
     took = round((time.time() - started) * 1000, 1)
     if exc.retryable and attempt < policy.max_attempts:
         retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            retry_after = min(retry_after, ctx.retry_after_max)
         # Busy is not the provider's fault: come back soon, whatever the attempt number.
-        delay = (retry_delay(1, base=policy.base, cap=policy.cap, retry_after=retry_after, rng=ctx.rng)
-                 if isinstance(exc, Busy) else
-                 retry_delay(attempt, base=policy.base, cap=policy.cap, retry_after=retry_after, rng=ctx.rng))
-        delay = min(delay, policy.cap)
+        delay = retry_delay(1 if isinstance(exc, Busy) else attempt, base=policy.base, cap=policy.cap,
+                            retry_after=retry_after, rng=ctx.rng, retry_after_max=ctx.retry_after_max)
+        if isinstance(exc, RateLimitedError) and status == 429 and retry_after and ctx.limiter is not None:
+            # Tell every worker: no call to this provider before its Retry-After is over.
+            try:
+                await ctx.limiter.block(provider, retry_after)
+            except Exception:
+                log.warning("could not share the 429 block for %s", provider, exc_info=True)
+        if circuit is not None and circuit.state == "open" and circuit.wait > delay:
+            # The circuit is open: there is no point coming back before it may be probed.
+            delay = circuit.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
         await ctx.ledger.retrying(job_id, Attempt(attempt, started, "retrying", exc.kind, status, message, fields,
                                                   next_attempt_at=time.time() + delay, duration_ms=took))
         log.warning("retrying %s", {**bound, "error": exc.kind, "status": status, "in_s": round(delay, 2)})
-        return Decision(retry_in=delay, state="retrying")
+        return await _park(job_id, change, provider, attempt + 1, delay, ctx)
     await ctx.ledger.dead(job_id, Attempt(attempt, started, "dead", exc.kind, status, message, fields,
                                           duration_ms=took))
     log.error("dead %s", {**bound, "error": exc.kind, "status": status, "message": message})
     return Decision(state="dead")
+
+
+async def _wait(job_id: str, change: ClientChange, provider: str, attempt: int, ctx: JobContext,
+                bound: dict[str, Any], *, delay: float, reason: str, message: str) -> Decision:
+    """Park the job without spending an attempt (no call reached the provider)."""
+    await ctx.ledger.waiting(job_id, next_attempt_at=time.time() + delay, reason=reason, message=message)
+    log.info("waiting %s", {**bound, "reason": reason, "in_s": round(delay, 2)})
+    return await _park(job_id, change, provider, attempt, delay, ctx)
+
+
+async def _park(job_id: str, change: ClientChange, provider: str, attempt: int, delay: float,
+                ctx: JobContext) -> Decision:
+    if ctx.parking is None:
+        return Decision(retry_in=min(delay, ctx.countdown_max), state="retrying", attempt=attempt)
+    try:
+        due = await ctx.parking.park(job_id, change.model_dump(mode="json"), provider, attempt, delay)
+    except Exception:
+        # Losing the retry is the one unacceptable outcome: fall back to a (short) countdown.
+        log.exception("parking %s failed; falling back to a Celery countdown", job_id)
+        return Decision(retry_in=min(delay, ctx.countdown_max), state="retrying", attempt=attempt)
+    return Decision(state="retrying", attempt=attempt, next_attempt_at=due)

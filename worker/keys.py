@@ -77,3 +77,6 @@ def heartbeat(worker: str) -> str:
 
 HEARTBEAT_PATTERN = f"{PREFIX}hb:*"
 HEARTBEAT_TTL_SECONDS = 30
+
+#: hash job id -> its one parked message in `DELAYED` (so a re-park replaces, never doubles)
+DELAYED_JOBS = f"{PREFIX}delayed:jobs"

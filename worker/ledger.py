@@ -243,3 +243,11 @@ class Ledger:
                 pipe.zcard(keys.jobs_in_state(s))
             values = await pipe.execute()
         return dict(zip(STATES, (int(v) for v in values), strict=True))
+
+    # --- retry engine (worker.jobs) ----------------------------------------------------------
+    async def waiting(self, job_id: str, *, next_attempt_at: float, reason: str, message: str) -> None:
+        """The job is parked without spending an attempt (circuit open, rate limit): `retrying`,
+        with its next attempt time and why, and no entry in its attempt history."""
+        await self._move(job_id, "retrying", fields={
+            "next_attempt_at": next_attempt_at, "last_error": message, "last_error_class": reason,
+        })

@@ -37,6 +37,28 @@ class Settings(BaseSettings):
     max_attempts: int = Field(8, ge=1)
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(300.0, gt=0)
+    retry_after_max_seconds: float = Field(
+        DAY, gt=0, description="Longest Retry-After/reset wait honoured; a larger one is cut to this."
+    )
+    park_poll_seconds: float = Field(
+        0.5, gt=0, le=10, description="How often each worker process moves due parked retries to the queue."
+    )
+    rate_wait_seconds: float = Field(
+        2.0, ge=0, description="Longest in-process wait for a rate-limit token; longer waits park the job."
+    )
+    circuit_failure_threshold: int = Field(
+        5, ge=1, description="Consecutive transient provider failures that open the circuit."
+    )
+    circuit_cooldown_seconds: float = Field(30.0, gt=0, description="First open period before a probe.")
+    circuit_max_cooldown_seconds: float = Field(
+        600.0, gt=0, description="Each failed probe doubles the open period, up to this."
+    )
+    circuit_probe_lease_seconds: float = Field(
+        120.0, gt=0, description="A probe whose worker vanished is handed to another job after this."
+    )
+    circuit_recheck_seconds: float = Field(
+        1.0, gt=0, description="How soon jobs waiting on a half-open circuit look again."
+    )
 
     log_level: str = "INFO"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -130,6 +130,9 @@ class ProviderAdapter(ABC):
         self.session = session
         self.base_url = (config.url or self.default_url).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        #: awaited with the provider name before every HTTP call; the worker runtime sets it to
+        #: take a token from the shared rate limit (it may wait, or raise to park the job)
+        self.before_call: Callable[[str], Awaitable[None]] | None = None
 
     # --- hooks -------------------------------------------------------------------------
     @abstractmethod
@@ -164,6 +167,8 @@ class ProviderAdapter(ABC):
     ) -> Any:
         """One HTTP call; returns the decoded JSON (or None for an empty body) or raises."""
         url = f"{self.base_url}{path}"
+        if self.before_call is not None:
+            await self.before_call(self.name)
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
         try:
             async with self.session.request(

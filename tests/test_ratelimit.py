@@ -1,0 +1,150 @@
+"""The shared token bucket: its Lua script against a real redis-server, with injected clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.errors import RateLimitedError
+from worker.ratelimit import BucketEmpty, Limit, RateLimiter
+
+T0 = 1_700_000_000_000  # an injected "now" in unix ms
+
+
+@pytest.fixture
+async def redis(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(fresh_redis_url)
+    yield client
+    await client.aclose()
+
+
+def limiter(redis: aioredis.Redis, calls: int | None = 5, period: float = 1.0, max_wait: float = 0.0) -> RateLimiter:
+    return RateLimiter(redis, {"p": Limit(calls, period)}, max_wait=max_wait)
+
+
+async def test_a_full_bucket_grants_its_limit_then_tells_the_wait(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=5, period=1.0)
+    grants = [await rl.try_acquire("p", now_ms=T0) for _ in range(5)]
+    assert all(g.granted and g.wait == 0 for g in grants)
+    refused = await rl.try_acquire("p", now_ms=T0)
+    assert not refused.granted
+    assert refused.wait == pytest.approx(0.2)  # one token per 200 ms
+
+
+async def test_tokens_refill_with_time_up_to_the_limit(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=5, period=1.0)
+    for _ in range(5):
+        assert (await rl.try_acquire("p", now_ms=T0)).granted
+    assert (await rl.try_acquire("p", now_ms=T0 + 200)).granted
+    assert not (await rl.try_acquire("p", now_ms=T0 + 200)).granted
+    # an hour idle refills to the limit, not beyond
+    later = T0 + 3_600_000
+    assert sum([(await rl.try_acquire("p", now_ms=later)).granted for _ in range(8)]) == 5
+
+
+async def test_a_short_wait_reserves_the_slot_and_books_later_calls_behind_it(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=5, period=1.0, max_wait=1.0)
+    for _ in range(5):
+        await rl.try_acquire("p", now_ms=T0)
+    waits = [(await rl.try_acquire("p", now_ms=T0)) for _ in range(6)]
+    assert [g.granted for g in waits] == [True] * 5 + [False]
+    assert [g.wait for g in waits[:5]] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert waits[5].wait == pytest.approx(1.2)  # refused, and nothing was taken:
+    assert (await rl.try_acquire("p", now_ms=T0, max_wait=2)).wait == pytest.approx(1.2)
+
+
+async def test_a_refused_call_takes_no_token(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=1, period=10.0)
+    assert (await rl.try_acquire("p", now_ms=T0)).granted
+    for _ in range(20):
+        assert not (await rl.try_acquire("p", now_ms=T0 + 5000)).granted
+    assert (await rl.try_acquire("p", now_ms=T0 + 10_000)).granted
+
+
+async def test_many_workers_racing_share_one_bucket(fresh_redis_url: str) -> None:
+    clients = [aioredis.from_url(fresh_redis_url) for _ in range(20)]
+    try:
+        grants = await asyncio.gather(*(limiter(c, calls=7, period=60).try_acquire("p", now_ms=T0)
+                                        for c in clients))
+        assert sum(g.granted for g in grants) == 7
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_providers_have_separate_buckets(redis: aioredis.Redis) -> None:
+    rl = RateLimiter(redis, {"a": Limit(1, 60), "b": Limit(1, 60)}, max_wait=0)
+    assert (await rl.try_acquire("a", now_ms=T0)).granted
+    assert (await rl.try_acquire("b", now_ms=T0)).granted
+    assert not (await rl.try_acquire("a", now_ms=T0)).granted
+
+
+async def test_a_429_block_stops_every_call_until_it_ends(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=100, period=1.0, max_wait=0)
+    assert await rl.block("p", 2.0, now_ms=T0) == T0 + 2000
+    during = await rl.try_acquire("p", now_ms=T0 + 500)
+    # the block's end, plus one token's time: the bucket restarts empty
+    assert not during.granted and during.wait == pytest.approx(1.5 + 0.01)
+    assert (await rl.blocked_for("p", now_ms=T0 + 500)) == pytest.approx(1.5)
+    # the bucket restarts empty at the block's end: the backlog does not burst
+    at_end = await rl.try_acquire("p", now_ms=T0 + 2000, max_wait=1)
+    assert at_end.granted and 0 < at_end.wait <= 0.011
+    assert await rl.blocked_for("p", now_ms=T0 + 2000) == 0
+
+
+async def test_a_block_applies_to_a_provider_without_a_limit(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=None, max_wait=0)
+    assert all([(await rl.try_acquire("p", now_ms=T0)).granted for _ in range(50)])
+    await rl.block("p", 3.0, now_ms=T0)
+    assert not (await rl.try_acquire("p", now_ms=T0 + 1000)).granted
+    assert (await rl.try_acquire("p", now_ms=T0 + 1000, max_wait=2)).wait == pytest.approx(2.0)
+    assert (await rl.try_acquire("p", now_ms=T0 + 3000)).granted
+
+
+async def test_a_shorter_block_never_shortens_a_longer_one(redis: aioredis.Redis) -> None:
+    rl = limiter(redis)
+    await rl.block("p", 10, now_ms=T0)
+    assert await rl.block("p", 1, now_ms=T0 + 1000) == T0 + 10_000
+    assert await rl.blocked_for("p", now_ms=T0 + 5000) == pytest.approx(5.0)
+
+
+async def test_acquire_waits_for_a_near_slot_and_raises_for_a_far_one(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=None, max_wait=1.0)
+    await rl.block("p", 0.3)
+    start = time.time()
+    await rl.acquire("p")
+    assert time.time() - start >= 0.29  # not a call before the block ends (ms rounding aside)
+    await rl.block("p", 30)
+    with pytest.raises(BucketEmpty) as caught:
+        await rl.acquire("p")
+    assert isinstance(caught.value, RateLimitedError) and caught.value.retryable
+    assert 29 < (caught.value.retry_after or 0) <= 30
+    assert caught.value.status is None  # no provider call was made
+
+
+async def test_a_block_set_while_waiting_for_a_slot_is_honoured(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=1, period=0.5, max_wait=2.0)
+    assert (await rl.try_acquire("p")).granted  # the only token
+    waiter = asyncio.create_task(rl.acquire("p"))  # books the next slot, ~0.5 s away
+    await asyncio.sleep(0.1)
+    await rl.block("p", 1.0)  # another job's 429 arrives meanwhile
+    blocked_until = time.time() + 1.0
+    await waiter
+    assert time.time() >= blocked_until - 0.005
+
+
+async def test_the_bucket_hash_has_the_documented_fields(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=5, period=2.0)
+    await rl.try_acquire("p", now_ms=T0)
+    await rl.block("p", 1, now_ms=T0)
+    raw = await redis.hgetall(keys.rate_bucket("p"))
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    assert set(fields) == {"limit", "period", "tokens", "tokens_at", "blocked_until", "blocks"}
+    assert float(fields["limit"]) == 5 and float(fields["period"]) == 2
+    assert float(fields["blocked_until"]) == pytest.approx((T0 + 1000) / 1000)
+    assert fields["blocks"] == "1"

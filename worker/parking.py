@@ -1,0 +1,126 @@
+"""Parked retries: jobs waiting in Redis for their time, never in a Celery countdown.
+
+Why not `self.retry(countdown=…)`: with the Redis broker, a countdown is an ETA message the
+worker holds unacked; one held longer than the visibility timeout is redelivered to another
+worker and runs twice, and one held by a worker that crashes waits a whole visibility timeout
+(an hour by default) before anyone sees it again. So every retry is parked, whatever its
+length: one path, durable in Redis, visible to the monitor, and a crash costs nothing.
+
+- `park` stores the full Celery message of the next `clientsync.apply_change` run in the
+  sorted set `keys.DELAYED`, scored by its due time (unix ms, Redis's clock), and remembers
+  it per job in `keys.DELAYED_JOBS`, so parking a job again replaces its entry instead of
+  adding a second one. The task then returns and its message is acked.
+- `move_due`, run by a mover in every worker process (`run_mover`, every ~0.5 s), pops due
+  entries and LPUSHes them onto the Celery queue in one Lua script: two movers never both
+  move an entry, and an entry is never lost between the pop and the push.
+
+Each message is exactly what `celery.send_task` would write (`worker.producer.task_message`),
+with one extra header, `clientsync_job`, naming the ledger job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.producer import task_message
+
+log = logging.getLogger("clientsync.parking")
+
+#: the Celery task that applies one change to one provider (args: change, provider; kwargs: attempt)
+APPLY_TASK = "clientsync.apply_change"
+
+_NOW = """
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: delayed zset, job index hash; ARGV: job_id, message, delay_ms, now_ms ('' = Redis time) -> due_ms
+_PARK = _NOW + """
+local due = now_ms(ARGV[4]) + tonumber(ARGV[3])
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then redis.call('ZREM', KEYS[1], old) end
+redis.call('ZADD', KEYS[1], due, ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return due
+"""
+
+# KEYS: delayed zset, job index hash, queue list; ARGV: batch, now_ms ('' = Redis time) -> moved
+_MOVE = _NOW + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  redis.call('LPUSH', KEYS[3], m)
+  redis.call('ZREM', KEYS[1], m)
+  local ok, msg = pcall(cjson.decode, m)
+  if ok and type(msg) == 'table' and type(msg.headers) == 'table' then
+    local job = msg.headers.clientsync_job
+    if type(job) == 'string' and redis.call('HGET', KEYS[2], job) == m then redis.call('HDEL', KEYS[2], job) end
+  end
+end
+return #due
+"""
+
+
+def apply_message(job_id: str, change: dict[str, Any], provider: str, attempt: int, *, queue: str) -> str:
+    """The Celery message that runs `attempt` of one (event, provider) job."""
+    task_id = str(uuid.uuid4())
+    message = json.loads(task_message(APPLY_TASK, [change, provider], {"attempt": attempt}, queue=queue,
+                                      task_id=task_id))
+    message["headers"]["clientsync_job"] = job_id
+    message["headers"]["retries"] = max(0, attempt - 1)  # what Flower shows as retries
+    message["headers"]["kwargsrepr"] = json.dumps({"attempt": attempt})
+    return json.dumps(message)
+
+
+class Parking:
+    """Park retries in Redis and move them to the queue when due; see the module docstring."""
+
+    def __init__(self, redis: aioredis.Redis, *, queue: str, batch: int = 200) -> None:
+        self.redis = redis
+        self.queue = queue
+        self.batch = batch
+        self._park = redis.register_script(_PARK)
+        self._move = redis.register_script(_MOVE)
+
+    async def park(self, job_id: str, change: dict[str, Any], provider: str, attempt: int, delay: float,
+                   *, now_ms: int | None = None) -> float:
+        """Park `attempt` of the job to run in `delay` seconds; returns its due time (unix seconds)."""
+        message = apply_message(job_id, change, provider, attempt, queue=self.queue)
+        due = await self._park(
+            keys=[keys.DELAYED, keys.DELAYED_JOBS],
+            args=[job_id, message, max(0, math.ceil(delay * 1000)), "" if now_ms is None else now_ms],
+        )
+        return int(due) / 1000
+
+    async def move_due(self, *, now_ms: int | None = None) -> int:
+        """Move up to one batch of due entries onto the queue; returns how many moved."""
+        moved = await self._move(keys=[keys.DELAYED, keys.DELAYED_JOBS, self.queue],
+                                 args=[self.batch, "" if now_ms is None else now_ms])
+        return int(moved)
+
+    async def run_mover(self, interval: float, rng: random.Random | None = None) -> None:
+        """Move due entries forever (a worker process's background task; cancel to stop)."""
+        rng = rng or random.Random()
+        while True:
+            try:
+                moved = await self.move_due()
+            except Exception:  # Redis away: parked entries wait in Redis; try again next tick
+                log.warning("moving parked retries failed", exc_info=True)
+                moved = 0
+            if moved:
+                log.debug("moved %d parked retries to %s", moved, self.queue)
+            if moved >= self.batch:
+                continue  # a backlog is due: keep going
+            # Jitter keeps the movers of many processes from polling in lock step.
+            await asyncio.sleep(interval * rng.uniform(0.5, 1.0))

@@ -1,0 +1,186 @@
+"""A per-provider token bucket in Redis, shared by every worker process on every host.
+
+Each operation is one Lua script (one round trip) and reads Redis's own clock (`TIME`), so
+workers on hosts whose clocks disagree still share one notion of "now".
+
+`acquire` takes a token for one provider call. A call that can start within `max_wait`
+reserves its token and sleeps until its turn (tokens may go negative: calls booked ahead);
+a longer wait takes nothing and raises `BucketEmpty`, a `RateLimitedError` whose
+`retry_after` is the wait, so the task layer parks the job without spending an attempt.
+`block` records a provider's own 429 `Retry-After`: no call to that provider starts before
+it ends, from any worker, and the bucket restarts empty so the backlog does not burst.
+
+Hash `keys.rate_bucket(provider)`; fields (stable: the monitor reads them):
+
+- `limit`, `period`: the configured limit, `limit` calls per `period` seconds (0 = no limit:
+  only 429 blocks apply)
+- `tokens`: tokens left at `tokens_at` (a float; negative = calls already booked ahead)
+- `tokens_at`: unix seconds at which `tokens` was counted (may be in the future after a block)
+- `blocked_until`: unix seconds before which no call may start (a 429's Retry-After), 0 = never
+- `blocks`: how many 429 blocks were recorded (a counter)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.errors import RateLimitedError
+from worker.providers.base import ProviderConfig
+
+log = logging.getLogger("clientsync.ratelimit")
+
+#: published limits for providers whose adapter config does not declare one
+#: (name -> (calls, per seconds)); `CLIENTSYNC_<PROVIDER>_RATE_LIMIT` / `_RATE_PERIOD` override.
+#: Invoice Ninja hosted: 500 requests per minute (https://invoiceninja.github.io/en/api-reference/).
+DEFAULT_LIMITS: dict[str, tuple[int, float]] = {
+    "invoice_ninja": (500, 60.0),
+}
+
+_NOW = """
+local function now_ms(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS[1] bucket; ARGV: limit, period_ms, max_wait_ms, now_ms ('' = Redis time)
+# -> {granted (1|0), wait_ms, blocked_until_ms}
+_ACQUIRE = _NOW + """
+local limit, period, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms(ARGV[4])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'tokens_at', 'blocked_until')
+local blocked = math.floor((tonumber(b[3]) or 0) * 1000 + 0.5)
+local start = math.max(now, blocked)
+if limit <= 0 then
+  local wait = start - now
+  return {wait <= max_wait and 1 or 0, wait, blocked}
+end
+local rate = limit / period
+local tokens = tonumber(b[1]) or limit
+local ts = b[2] and math.floor(tonumber(b[2]) * 1000 + 0.5) or now
+if now > ts then tokens = math.min(limit, tokens + (now - ts) * rate); ts = now end
+local ready = start
+if math.min(limit, tokens + math.max(0, start - ts) * rate) < 1 then
+  ready = math.max(start, ts + (1 - tokens) / rate)
+end
+local wait = math.ceil(ready - now)
+local granted = 0
+if wait <= max_wait then tokens = tokens - 1; granted = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'tokens_at', ts / 1000, 'limit', limit, 'period', period / 1000)
+return {granted, wait, blocked}
+"""
+
+# KEYS[1] bucket; ARGV: block_ms, now_ms ('' = Redis time) -> blocked_until_ms
+_BLOCK = _NOW + """
+local now = now_ms(ARGV[2])
+local untl = now + tonumber(ARGV[1])
+local cur = math.floor((tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0) * 1000 + 0.5)
+if untl > cur then
+  redis.call('HSET', KEYS[1], 'blocked_until', untl / 1000, 'tokens', 0, 'tokens_at', untl / 1000)
+  redis.call('HINCRBY', KEYS[1], 'blocks', 1)
+  return untl
+end
+return cur
+"""
+
+# KEYS[1] bucket; ARGV: now_ms ('' = Redis time) -> ms left of a block (0 = none)
+_BLOCKED_FOR = _NOW + """
+local now = now_ms(ARGV[1])
+local b = math.floor((tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0) * 1000 + 0.5)
+return math.max(0, b - now)
+"""
+
+
+class BucketEmpty(RateLimitedError):
+    """Our shared bucket (or a provider's 429 block) has no call for this job soon: no call was made."""
+
+    kind = "rate_limited"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`calls` per `period` seconds; `calls=None` = no limit (429 blocks still apply)."""
+
+    calls: int | None
+    period: float
+
+
+def limit_for(name: str, config: ProviderConfig) -> Limit:
+    """The provider's limit: its env/config where set, else `DEFAULT_LIMITS`, field by field."""
+    table = DEFAULT_LIMITS.get(name)
+    calls = config.rate_limit if config.rate_limit is not None else (table[0] if table else None)
+    period = table[1] if table and "rate_period" not in config.model_fields_set else config.rate_period
+    return Limit(calls, period)
+
+
+@dataclass(frozen=True)
+class Grant:
+    granted: bool
+    wait: float  # seconds until this call may start (0 = now)
+    blocked_until_ms: int
+
+
+class RateLimiter:
+    """Shared per-provider token buckets; see the module docstring."""
+
+    def __init__(self, redis: aioredis.Redis, limits: Mapping[str, Limit], *, max_wait: float) -> None:
+        self.redis = redis
+        self.limits = dict(limits)
+        self.max_wait = max_wait
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._block = redis.register_script(_BLOCK)
+        self._blocked_for = redis.register_script(_BLOCKED_FOR)
+
+    async def try_acquire(self, provider: str, *, max_wait: float | None = None,
+                          now_ms: int | None = None) -> Grant:
+        """One round trip: reserve a token if the call can start within `max_wait`."""
+        limit = self.limits.get(provider, Limit(None, 1.0))
+        wait_ms = self.max_wait if max_wait is None else max_wait
+        granted, wait, blocked = await self._acquire(
+            keys=[keys.rate_bucket(provider)],
+            args=[limit.calls or 0, int(limit.period * 1000), int(wait_ms * 1000),
+                  "" if now_ms is None else now_ms],
+        )
+        return Grant(bool(int(granted)), int(wait) / 1000, int(blocked))
+
+    async def acquire(self, provider: str) -> None:
+        """Wait for this provider's next call slot, or raise `BucketEmpty` if it is far off."""
+        grant = await self.try_acquire(provider)
+        if not grant.granted:
+            raise BucketEmpty(f"rate limit: next call slot at {provider} in {grant.wait:.1f}s",
+                              provider=provider, retry_after=grant.wait)
+        waited = 0.0
+        if grant.wait > 0:
+            await asyncio.sleep(grant.wait)
+            waited = grant.wait
+        # Another job's 429 may have blocked the provider while this one slept for its slot.
+        while waited > 0:
+            left = await self.blocked_for(provider)
+            if left <= 0:
+                return
+            if waited + left > self.max_wait:
+                raise BucketEmpty(f"{provider} asked to wait {left:.1f}s (429)", provider=provider,
+                                  retry_after=left)
+            await asyncio.sleep(left)
+            waited += left
+
+    async def block(self, provider: str, seconds: float, *, now_ms: int | None = None) -> int:
+        """No call to `provider` starts for `seconds` (a 429's Retry-After); returns the end (ms)."""
+        until = await self._block(keys=[keys.rate_bucket(provider)],
+                                  args=[max(0, math.ceil(seconds * 1000)), "" if now_ms is None else now_ms])
+        log.info("rate limit: %s blocked for %.1fs by its 429", provider, seconds)
+        return int(until)
+
+    async def blocked_for(self, provider: str, *, now_ms: int | None = None) -> float:
+        """Seconds left of a 429 block on `provider` (0 = none)."""
+        left = await self._blocked_for(keys=[keys.rate_bucket(provider)],
+                                       args=["" if now_ms is None else now_ms])
+        return int(left) / 1000
