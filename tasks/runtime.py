@@ -79,9 +79,13 @@ class Runtime:
         self._mover_task = asyncio.get_running_loop().create_task(parking.run_mover(s.park_poll_seconds))
         owner = f"{socket.gethostname()}:{self.pid}"
         self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
+        ledger = Ledger(self.redis, max_jobs=s.ledger_max_jobs, max_age_seconds=s.ledger_max_age_seconds,
+                        trim_every=s.ledger_trim_every)
+        self._trim_task = asyncio.get_running_loop().create_task(
+            ledger.run_retention(s.ledger_trim_interval_seconds))
         return JobContext(
             store=SyncStore(self.redis, idempotency_ttl=s.idempotency_ttl_seconds, lease_seconds=s.lease_seconds),
-            ledger=Ledger(self.redis),
+            ledger=ledger,
             adapters=adapters,
             policies=policies,
             disabled=disabled,
@@ -110,6 +114,7 @@ class Runtime:
 
     async def _close(self) -> None:
         self._beat_task.cancel()
+        self._trim_task.cancel()
         self._mover_task.cancel()
         await self.session.close()
         await self.redis.aclose()

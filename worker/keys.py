@@ -78,5 +78,36 @@ def heartbeat(worker: str) -> str:
 HEARTBEAT_PATTERN = f"{PREFIX}hb:*"
 HEARTBEAT_TTL_SECONDS = 30
 
+
+# --- monitoring: ledger indexes and shared counters (worker.ledger, worker.monitor, worker.metrics) ---
+def jobs_of_provider_in_state(provider: str, state: str) -> str:
+    """Sorted set of one provider's job ids in `state`, scored by last update (ms)."""
+    return f"{PREFIX}jobs:ps:{provider}:{state}"
+
+
+def jobs_of_client(client_id: str) -> str:
+    """Sorted set of the job ids of one client (every provider), scored by last update (ms)."""
+    return f"{PREFIX}jobs:client:{client_id}"
+
+
+#: sorted set of finished job ids (succeeded, skipped, dead, discarded) scored by last update (ms):
+#: what retention trims
+JOBS_FINISHED = f"{PREFIX}jobs:finished"
+
+
+def stats(provider: str) -> str:
+    """Hash of monotonic counters per provider (enqueued, applied, retried, dead, skipped, replayed,
+    discarded), written by the ledger's transition script in every worker process."""
+    return f"{PREFIX}stats:{provider}"
+
+
+def latency(provider: str) -> str:
+    """Hash: receipt-to-applied latency histogram (one field per bucket upper bound, `sum`, `count`)."""
+    return f"{PREFIX}latency:{provider}"
+
+
+#: set of every provider name the ledger has seen (so readers never SCAN for stats keys)
+STATS_PROVIDERS = f"{PREFIX}stats:providers"
+
 #: hash job id -> its one parked message in `DELAYED` (so a re-park replaces, never doubles)
 DELAYED_JOBS = f"{PREFIX}delayed:jobs"

@@ -1,78 +1,200 @@
 """The job ledger: one durable record per (event, provider) in Redis, with its attempts.
 
-States: queued → running → (retrying → running)* → succeeded | skipped | dead.
-A record is a hash (`keys.job`), its attempts a list (`keys.job_attempts`); every record is
-indexed by last update in `keys.JOBS_BY_TIME` and in one `keys.jobs_in_state` set, so
-listing by state or time never scans. Each transition is one Lua script (one round trip).
-Retention is bounded by count and age (`trim`).
+States: queued → running → (retrying → running)* → succeeded | skipped | dead, and an
+operator may move a dead job to `discarded` or (replay) back to `queued`.
+
+A record is a hash (`keys.job`), its history a list (`keys.job_attempts`: the attempts, plus
+operator actions with outcome `replayed` / `discarded`). Every record is indexed by last
+update in `keys.JOBS_BY_TIME`, in one `keys.jobs_in_state` set, in one
+`keys.jobs_of_provider_in_state` set and in its client's `keys.jobs_of_client` set, so
+listing by state, provider, client or time never scans. Each transition is one Lua script
+(one round trip) that also bumps the provider's shared counters (`keys.stats`) and, on
+success, the receipt-to-applied latency histogram (`keys.latency`): the receiver exposes
+them at /metrics although the transitions happen in the workers.
+
+Retention (`trim`) is bounded by count and age and applies to finished jobs only: a
+queued, running or retrying job is never dropped under a worker's feet (live jobs are
+bounded by the queue itself). Workers trim every `trim_every` new jobs and on a timer
+(`run_retention`), so Redis memory stays flat under any load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from worker import keys
 from worker.models import ClientChange
 
-State = Literal["queued", "running", "retrying", "succeeded", "skipped", "dead"]
-STATES: tuple[State, ...] = ("queued", "running", "retrying", "succeeded", "skipped", "dead")
-FINAL: frozenset[str] = frozenset({"succeeded", "skipped", "dead"})
+log = logging.getLogger("clientsync.ledger")
+
+State = Literal["queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded"]
+STATES: tuple[State, ...] = ("queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded")
+FINAL: frozenset[str] = frozenset({"succeeded", "skipped", "dead", "discarded"})
 MAX_ATTEMPTS_KEPT = 50
 
-# KEYS: job hash, attempts list, all-jobs zset
-# ARGV: job_id, new state, now_ms, mode, fields JSON, attempt JSON ('' for none), state-set prefix
-#   mode 'create'   : only if the record does not exist (first sight of a job)
-#   mode 'live'     : not over a final state (a redelivered duplicate must not reopen it)
-#   mode 'force'    : always (replay, discard)
-_TRANSITION = """
-local job, attempts, all = KEYS[1], KEYS[2], KEYS[3]
-local id, new, now, mode, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[7]
-local old = redis.call('HGET', job, 'state')
-if mode == 'create' and old then return old end
-if mode == 'live' and (old == 'succeeded' or old == 'skipped' or old == 'dead') then return old end
-if old then redis.call('ZREM', prefix .. old, id) end
-local fields = cjson.decode(ARGV[5])
-local flat = {}
-for k, v in pairs(fields) do
-  if v == cjson.null then redis.call('HDEL', job, k) else table.insert(flat, k); table.insert(flat, tostring(v)) end
+#: upper bounds (seconds) of the receipt-to-applied latency histogram; +Inf is implied
+LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+#: counter (in `keys.stats`) bumped when a job enters a state from another one
+STATE_COUNTERS: dict[str, str] = {
+    "succeeded": "applied", "retrying": "retried", "dead": "dead", "skipped": "skipped",
+    "discarded": "discarded",
+}
+#: every counter field the transition script writes
+COUNTERS: tuple[str, ...] = ("enqueued", "applied", "retried", "parked", "dead", "skipped", "replayed",
+                             "discarded")
+
+
+def bucket_label(bound: float) -> str:
+    return f"{bound:g}"
+
+
+def _lua_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string of ASCII key prefixes is a valid Lua string literal
+
+
+# The one transition function every script shares. Key prefixes come from `worker.keys`, so
+# the names built here are exactly the ones the readers build.
+_LIB = f"""
+local JOB, STATE, PS, CLIENT = {_lua_str(keys.job(""))}, {_lua_str(keys.jobs_in_state(""))},
+  {_lua_str(keys.jobs_of_provider_in_state("", "")[:-1])}, {_lua_str(keys.jobs_of_client(""))}
+local ALL, FINISHED = {_lua_str(keys.JOBS_BY_TIME)}, {_lua_str(keys.JOBS_FINISHED)}
+local STATS, LATENCY, PROVIDERS = {_lua_str(keys.stats(""))}, {_lua_str(keys.latency(""))},
+  {_lua_str(keys.STATS_PROVIDERS)}
+local FINAL = {{succeeded=true, skipped=true, dead=true, discarded=true}}
+local COUNTER = cjson.decode({_lua_str(json.dumps(STATE_COUNTERS))})
+local BUCKETS = cjson.decode({_lua_str(json.dumps([[b, bucket_label(b)] for b in LATENCY_BUCKETS]))})
+local KEEP_HISTORY = {MAX_ATTEMPTS_KEPT}
+
+-- mode: 'create' only if absent; 'live' not over a final state; 'force' always;
+-- 'guard' only from a state in `allowed` (a set). entry: JSON for the history list or '';
+-- counts: whether the entry is an attempt (bumps the `attempts` field).
+local function transition(id, new, now, mode, fields, entry, counts, allowed)
+  local job = JOB .. id
+  local old = redis.call('HGET', job, 'state')
+  if mode == 'create' and old then return old, false end
+  if mode == 'live' and old and FINAL[old] then return old, false end
+  if mode == 'guard' and not (old and allowed[old]) then return old or '', false end
+  local flat = {{}}
+  for k, v in pairs(fields) do
+    if v == cjson.null then redis.call('HDEL', job, k) else table.insert(flat, k); table.insert(flat, tostring(v)) end
+  end
+  table.insert(flat, 'state'); table.insert(flat, new)
+  table.insert(flat, 'updated_at'); table.insert(flat, now)
+  if not old then table.insert(flat, 'created_at'); table.insert(flat, now) end
+  redis.call('HSET', job, unpack(flat))
+  if entry ~= '' then
+    redis.call('RPUSH', job .. ':attempts', entry)
+    redis.call('LTRIM', job .. ':attempts', -KEEP_HISTORY, -1)
+    if counts then redis.call('HINCRBY', job, 'attempts', 1) end
+  end
+  local meta = redis.call('HMGET', job, 'provider', 'client_id', 'received_at')
+  local provider = meta[1] or '?'
+  if old then
+    redis.call('ZREM', STATE .. old, id)
+    redis.call('ZREM', PS .. provider .. ':' .. old, id)
+  end
+  redis.call('ZADD', STATE .. new, now, id)
+  redis.call('ZADD', PS .. provider .. ':' .. new, now, id)
+  redis.call('ZADD', ALL, now, id)
+  if meta[2] and meta[2] ~= '-' then redis.call('ZADD', CLIENT .. meta[2], now, id) end
+  if FINAL[new] then redis.call('ZADD', FINISHED, now, id) else redis.call('ZREM', FINISHED, id) end
+  local stats = STATS .. provider
+  redis.call('SADD', PROVIDERS, provider)
+  if not old then redis.call('HINCRBY', stats, 'enqueued', 1) end
+  if new ~= old then
+    local counter = COUNTER[new]
+    if new == 'queued' and old then counter = 'replayed' end
+    if new == 'retrying' and not counts then counter = 'parked' end
+    if counter then redis.call('HINCRBY', stats, counter, 1) end
+    if new == 'succeeded' and tonumber(meta[3] or '') then
+      local took = math.max(0, now / 1000 - tonumber(meta[3]))
+      local label = '+Inf'
+      for _, b in ipairs(BUCKETS) do
+        if took <= b[1] then label = b[2]; break end
+      end
+      local lat = LATENCY .. provider
+      redis.call('HINCRBY', lat, label, 1)
+      redis.call('HINCRBY', lat, 'count', 1)
+      redis.call('HINCRBYFLOAT', lat, 'sum', took)
+    end
+  end
+  return old or '', true
 end
-table.insert(flat, 'state'); table.insert(flat, new)
-table.insert(flat, 'updated_at'); table.insert(flat, now)
-if not old then table.insert(flat, 'created_at'); table.insert(flat, now) end
-redis.call('HSET', job, unpack(flat))
-if ARGV[6] ~= '' then
-  redis.call('RPUSH', attempts, ARGV[6])
-  redis.call('LTRIM', attempts, -tonumber(ARGV[8]), -1)
-  redis.call('HINCRBY', job, 'attempts', 1)
-end
-redis.call('ZADD', prefix .. new, now, id)
-redis.call('ZADD', all, now, id)
-return old or ''
 """
 
-# KEYS: all-jobs zset; ARGV: max count, min score (ms), state-set prefix, states...
-_TRIM = """
-local all, keep, oldest, prefix = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local victims = redis.call('ZRANGEBYSCORE', all, '-inf', '(' .. oldest, 'LIMIT', 0, 1000)
-local n = redis.call('ZCARD', all) - #victims
-if n > keep then
-  local extra = redis.call('ZRANGE', all, #victims, #victims + math.min(n - keep, 1000) - 1)
+# ARGV: job_id, new state, now_ms, mode, fields JSON, entry JSON ('' for none), '1' if the entry is an attempt
+_TRANSITION = _LIB + """
+local old = transition(ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], cjson.decode(ARGV[5]), ARGV[6],
+                       ARGV[7] == '1', {})
+return old
+"""
+
+# Operator actions on many jobs at once, each guarded by the job's current state.
+# KEYS: the Celery queue (for replay; unused by discard)
+# ARGV: action ('replay'|'discard'), now_ms, allowed states (comma-separated), note, then
+#       pairs of (job_id, Celery message or '') -> one result per job: 'ok' or the state that refused
+_OPERATE = _LIB + """
+local action, now, note = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+local allowed = {}
+for s in string.gmatch(ARGV[3], '[^,]+') do allowed[s] = true end
+local new = action == 'replay' and 'queued' or 'discarded'
+local entry = cjson.encode({outcome = action == 'replay' and 'replayed' or 'discarded', at = now / 1000,
+                            note = note})
+local fields = {next_attempt_at = cjson.null}
+if action == 'replay' then fields.replayed_at = now / 1000 else fields.discarded_at = now / 1000 end
+fields.note = note
+local out = {}
+for i = 5, #ARGV, 2 do
+  local id, message = ARGV[i], ARGV[i + 1]
+  local old, moved = transition(id, new, now, 'guard', fields, entry, false, allowed)
+  if moved then
+    if action == 'replay' then
+      redis.call('LPUSH', KEYS[1], message)
+      redis.call('HINCRBY', JOB .. id, 'replays', 1)
+    end
+    table.insert(out, 'ok')
+  else
+    table.insert(out, old == '' and 'missing' or old)
+  end
+end
+return out
+"""
+
+# ARGV: max finished jobs kept, min score (ms) kept, batch size
+_TRIM = _LIB + """
+local keep, oldest, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local victims = redis.call('ZRANGEBYSCORE', FINISHED, '-inf', '(' .. oldest, 'LIMIT', 0, batch)
+local n = redis.call('ZCARD', FINISHED) - #victims
+if n > keep and #victims < batch then
+  local extra = redis.call('ZRANGE', FINISHED, #victims, #victims + math.min(n - keep, batch - #victims) - 1)
   for _, id in ipairs(extra) do table.insert(victims, id) end
 end
 for _, id in ipairs(victims) do
-  local st = redis.call('HGET', ARGV[4] .. id, 'state')
-  if st then redis.call('ZREM', prefix .. st, id) end
-  redis.call('DEL', ARGV[4] .. id, ARGV[4] .. id .. ':attempts')
-  redis.call('ZREM', all, id)
+  local job = JOB .. id
+  local m = redis.call('HMGET', job, 'state', 'provider', 'client_id')
+  if m[1] then
+    redis.call('ZREM', STATE .. m[1], id)
+    redis.call('ZREM', PS .. (m[2] or '?') .. ':' .. m[1], id)
+  end
+  if m[3] then redis.call('ZREM', CLIENT .. m[3], id) end
+  redis.call('DEL', job, job .. ':attempts')
+  redis.call('ZREM', ALL, id)
+  redis.call('ZREM', FINISHED, id)
 end
 return #victims
 """
+
+TRIM_BATCH = 1000
 
 
 def now_ms() -> int:
@@ -116,14 +238,22 @@ class Job:
         return json.loads(raw) if raw else None
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Ledger:
     """Read and write job records; see the module docstring."""
 
-    def __init__(self, redis: aioredis.Redis, *, max_jobs: int = 100_000, max_age_seconds: float = 14 * 86400):
+    def __init__(self, redis: aioredis.Redis, *, max_jobs: int = 100_000, max_age_seconds: float = 14 * 86400,
+                 trim_every: int = 500):
         self.redis = redis
         self.max_jobs = max_jobs
         self.max_age_seconds = max_age_seconds
+        self.trim_every = trim_every
+        self._created = 0
         self._transition = redis.register_script(_TRANSITION)
+        self._operate = redis.register_script(_OPERATE)
         self._trim = redis.register_script(_TRIM)
 
     async def _move(
@@ -137,18 +267,16 @@ class Ledger:
     ) -> str:
         old = await self._transition(
             keys=[keys.job(job_id), keys.job_attempts(job_id), keys.JOBS_BY_TIME],
-            args=[
-                job_id, state, now_ms(), mode, json.dumps(fields or {}),
-                attempt.to_json() if attempt else "", keys.jobs_in_state(""), MAX_ATTEMPTS_KEPT,
-            ],
+            args=[job_id, state, now_ms(), mode, json.dumps(fields or {}),
+                  attempt.to_json() if attempt else "", "1" if attempt else "0"],
         )
-        return old.decode() if isinstance(old, bytes) else str(old)
+        return _text(old)
 
     # --- writes ----------------------------------------------------------------------------
     async def enqueued(self, change: ClientChange, provider: str, *, received_at: float | None = None) -> str:
         """First sight of a job; a no-op if the job is already known (a redelivered fan-out)."""
         job_id = keys.job_id(provider, change.event_id)
-        await self._move(job_id, "queued", mode="create", fields={
+        old = await self._move(job_id, "queued", mode="create", fields={
             "provider": provider,
             "event_id": change.event_id,
             "client_id": change.client.id,
@@ -156,6 +284,8 @@ class Ledger:
             "change": change.model_dump_json(),
             "received_at": received_at or time.time(),
         })
+        if not old:
+            await self._maybe_trim()
         return job_id
 
     async def running(self, job_id: str) -> str:
@@ -195,47 +325,100 @@ class Ledger:
         })
 
     async def requeued(self, job_id: str, *, note: str) -> None:
-        """An operator replayed the job."""
+        """An operator replayed the job (record only; `replay` also enqueues, atomically)."""
         await self._move(job_id, "queued", mode="force", fields={"replayed_at": time.time(), "note": note,
                                                                   "next_attempt_at": None})
 
+    async def replay(self, queue: str, messages: Sequence[tuple[str, str]], *, allowed: Iterable[str],
+                     note: str = "replayed") -> list[str]:
+        """For each (job_id, Celery message): if the job is in an `allowed` state, mark it queued and
+        LPUSH the message onto `queue`, atomically. One round trip for the whole batch; returns
+        'ok' or the refusing state ('missing' for an unknown job) per job, in order."""
+        return await self._operate_many("replay", queue, messages, allowed, note)
+
+    async def discard(self, job_ids: Sequence[str], *, allowed: Iterable[str] = ("dead",),
+                      note: str = "discarded") -> list[str]:
+        """Mark jobs `discarded` (kept with their history, out of the dead list); guarded like `replay`."""
+        return await self._operate_many("discard", "", [(j, "") for j in job_ids], allowed, note)
+
+    async def _operate_many(self, action: str, queue: str, pairs: Sequence[tuple[str, str]],
+                            allowed: Iterable[str], note: str) -> list[str]:
+        if not pairs:
+            return []
+        args: list[Any] = [action, now_ms(), ",".join(allowed), note]
+        for job_id, message in pairs:
+            args += [job_id, message]
+        out = await self._operate(keys=[queue or keys.JOBS_BY_TIME], args=args)
+        return [_text(r) for r in out]
+
     async def trim(self) -> int:
-        """Apply retention: drop records past `max_jobs` (oldest first) or older than the max age."""
+        """Apply retention once: drop up to one batch of finished records past `max_jobs` (oldest
+        first) or older than the max age. Returns how many were dropped."""
         oldest = now_ms() - int(self.max_age_seconds * 1000)
-        removed = await self._trim(
-            keys=[keys.JOBS_BY_TIME],
-            args=[self.max_jobs, oldest, keys.jobs_in_state(""), keys.job("")],
-        )
+        removed = await self._trim(keys=[keys.JOBS_FINISHED], args=[self.max_jobs, oldest, TRIM_BATCH])
         return int(removed)
+
+    async def trim_all(self) -> int:
+        """Trim until within retention (several batches after a burst)."""
+        total = 0
+        while True:
+            n = await self.trim()
+            total += n
+            if n < TRIM_BATCH:
+                return total
+
+    async def _maybe_trim(self) -> None:
+        self._created += 1
+        if self.trim_every and self._created % self.trim_every == 0:
+            try:
+                await self.trim_all()
+            except redis.exceptions.RedisError:
+                log.warning("ledger trim failed; the timer will retry", exc_info=True)
+
+    async def run_retention(self, interval: float = 10.0) -> None:
+        """Trim forever, every `interval` seconds (a worker's background task; cancel to stop)."""
+        while True:
+            try:
+                removed = await self.trim_all()
+                if removed:
+                    log.debug("ledger retention dropped %d finished jobs", removed)
+            except (redis.exceptions.RedisError, OSError):
+                log.warning("ledger trim failed; retrying in %ss", interval, exc_info=True)
+            await asyncio.sleep(interval)
 
     # --- reads -----------------------------------------------------------------------------
     async def get(self, job_id: str) -> Job | None:
+        return (await self.get_many([job_id]))[0]
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """Records with their history, one pipeline for all of them; None where unknown."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.job(job_id))
-            pipe.lrange(keys.job_attempts(job_id), 0, -1)
-            raw, attempts = await pipe.execute()
-        if not raw:
-            return None
-        f = {k.decode(): v.decode() for k, v in raw.items()}
-        return Job(
-            id=job_id, state=f.get("state", ""), provider=f.get("provider", ""), event_id=f.get("event_id", ""),
-            client_id=f.get("client_id", ""), action=f.get("action", ""), fields=f,
-            attempts=[json.loads(a) for a in attempts],
-        )
+            for job_id in job_ids:
+                pipe.hgetall(keys.job(job_id))
+                pipe.lrange(keys.job_attempts(job_id), 0, -1)
+            replies = await pipe.execute()
+        out: list[Job | None] = []
+        for i, job_id in enumerate(job_ids):
+            raw, attempts = replies[2 * i], replies[2 * i + 1]
+            if not raw:
+                out.append(None)
+                continue
+            f = {_text(k): _text(v) for k, v in raw.items()}
+            out.append(Job(
+                id=job_id, state=f.get("state", ""), provider=f.get("provider", ""),
+                event_id=f.get("event_id", ""), client_id=f.get("client_id", ""), action=f.get("action", ""),
+                fields=f, attempts=[json.loads(a) for a in attempts],
+            ))
+        return out
 
     async def ids(self, state: str | None = None, *, newest_first: bool = True, start: int = 0,
                   count: int = 50) -> list[str]:
         key = keys.jobs_in_state(state) if state else keys.JOBS_BY_TIME
         fn = self.redis.zrevrange if newest_first else self.redis.zrange
-        return [i.decode() for i in await fn(key, start, start + count - 1)]
+        return [_text(i) for i in await fn(key, start, start + count - 1)]
 
     async def many(self, job_ids: Iterable[str]) -> list[Job]:
-        out = []
-        for job_id in job_ids:
-            job = await self.get(job_id)
-            if job:
-                out.append(job)
-        return out
+        return [j for j in await self.get_many(list(job_ids)) if j is not None]
 
     async def counts(self) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # --- monitoring: ledger retention (finished jobs only; see worker.ledger) ---
+    ledger_max_jobs: int = Field(100_000, ge=1, description="Finished jobs kept in the ledger (oldest dropped).")
+    ledger_max_age_seconds: float = Field(14 * DAY, gt=0, description="Finished jobs older than this are dropped.")
+    ledger_trim_every: int = Field(500, ge=0, description="Each worker trims after this many new jobs; 0 = timer only.")
+    ledger_trim_interval_seconds: float = Field(10.0, gt=0, description="Each worker also trims on this timer.")
+
     @field_validator("webhook_secret")
     @classmethod
     def _secrets_have_the_prefix(cls, value: SecretStr | None) -> SecretStr | None:
