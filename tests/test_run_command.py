@@ -1,0 +1,67 @@
+"""`clientsync run` (what `make run` starts): everything up, a webhook applied, Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import REPO, clean_env
+from tests.helpers import change, signed_headers
+from worker.redis_server import free_port
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_run_starts_everything_prints_how_to_use_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port, sandbox_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--port", str(port), "--sandbox-port", str(sandbox_port),
+         "--data-dir", str(tmp_path / "redis")],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        banner = ""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            banner += line
+            if "Stop with Ctrl-C" in line:
+                break
+        assert f"POST http://127.0.0.1:{port}/webhooks/clients" in banner
+        secret = re.search(r"CLIENTSYNC_WEBHOOK_SECRET=(whsec_\S+)", banner)
+        assert secret, banner
+        assert f"sandbox at http://127.0.0.1:{sandbox_port}" in banner
+        redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
+
+        event = change("run-evt-1", "run-client-1", name="Run Test Co")
+        body = json.dumps(event).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/clients", data=body, method="POST",
+                                     headers=signed_headers(secret.group(1), body))
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 202
+        # Applied at every sandbox provider that can hold this client.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{sandbox_port}/invoice_ninja/_sandbox/clients"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if any(c.get("name") == "Run Test Co" for c in json.load(resp)["clients"]):
+                    break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the webhook was not applied at the Invoice Ninja sandbox")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    for p in (port, sandbox_port, redis_port):
+        assert not port_open(p), f"port {p} still open after Ctrl-C"
+    assert (tmp_path / "redis").is_dir()  # the embedded Redis kept its data where asked
