@@ -29,11 +29,16 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
             # Unacked messages come back after this long. Every retry countdown stays below
             # it (see RetryPolicy ceiling): a longer ETA would be redelivered early and run twice.
             "visibility_timeout": settings.visibility_timeout,
+            # kombu sweeps for expired unacked messages every interval x throttle seconds
+            # (100 s by default); a throttle of 1 makes the interval the whole story.
+            "unacked_restore_interval": settings.unacked_restore_interval,
+            "unacked_restore_throttle": 1,
         },
         broker_connection_retry_on_startup=True,
-        # Task events stay on so Flower (and `celery events`) can watch the workers.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events on by default so Flower (and `celery events`) can watch the workers;
+        # they are a fanout publish per task state, so a busy deployment may turn them off.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
         worker_pool=settings.worker_pool,

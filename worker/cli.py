@@ -108,8 +108,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
             "--loglevel", settings.log_level, "--pool", args.pool or settings.worker_pool,
-            "--concurrency", str(args.concurrency or settings.worker_concurrency), "-E",
+            "--concurrency", str(args.concurrency or settings.worker_concurrency),
             "--without-gossip", "--without-mingle"]
+    if settings.task_events:
+        argv.append("--task-events")
     if args.hostname:
         argv += ["--hostname", args.hostname]
     os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the Celery worker

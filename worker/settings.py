@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     lock_wait_seconds: float = Field(20.0, ge=0, description="How long a job waits for a busy client.")
 
     visibility_timeout: int = Field(3600, ge=1, description="Redis broker redelivery timeout (s).")
+    unacked_restore_interval: int = Field(
+        10, ge=1, description="How often (s) workers look for unacked messages past the visibility timeout."
+    )
+    task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
     worker_concurrency: int = Field(16, ge=1)
     worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")
     max_attempts: int = Field(8, ge=1)
