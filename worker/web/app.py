@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from worker.metrics import ReceiverMetrics
+from worker.monitor import Monitor
 from worker.producer import Producer
 from worker.settings import Settings
-from worker.web import handlers
+from worker.web import dashboard, handlers
+from worker.web import monitor as monitor_web
 from worker.web.middlewares import error_middleware
 from worker.web.signatures import decode_secret
 
@@ -20,6 +23,8 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
 PRODUCER = web.AppKey("producer", Producer)
 WEBHOOK_KEYS: web.AppKey[list[bytes]] = web.AppKey("webhook_keys")
+MONITOR = web.AppKey("monitor", Monitor)
+METRICS = web.AppKey("metrics", ReceiverMetrics)
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
@@ -47,3 +52,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/webhooks/clients", handlers.receive_client_webhook)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/schema/client-change.json", handlers.schema)
+    monitor_web.setup(app)  # /monitor/*, /metrics, /readyz
+    dashboard.setup(app)  # /dashboard

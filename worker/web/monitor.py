@@ -1,0 +1,284 @@
+"""The monitor JSON API (`/monitor/...`, bearer token), `/metrics`, `/readyz` and the OpenAPI file.
+
+Thin handlers over `worker.monitor.Monitor`: parse and validate parameters (a 400 names the
+field and the rule), call one method, answer JSON. The API is documented in
+`worker/web/openapi.yaml`, served at `GET /monitor/openapi.yaml`.
+
+Auth: `Authorization: Bearer <CLIENTSYNC_MONITOR_TOKEN>`, or the dashboard's session cookie
+(set by the login form; HttpOnly, SameSite=Strict, an HMAC of an expiry under the token,
+never the token itself). Cookie-authenticated writes must also carry the
+`X-Clientsync-Request` header, which a cross-site form cannot send. Without a configured
+token the monitor answers 503 and stays closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
+from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
+from worker.web import app as appmod
+from worker.web.middlewares import json_error
+
+log = logging.getLogger("clientsync.web.monitor")
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+COOKIE = "cs_monitor"
+SESSION_SECONDS = 12 * 3600
+CSRF_HEADER = "X-Clientsync-Request"
+NO_STORE = {"Cache-Control": "no-store"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# --- auth -------------------------------------------------------------------------------------------
+class AuthFailure(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def configured_token(request: web.Request) -> str | None:
+    secret = request.app[appmod.SETTINGS].monitor_token
+    value = secret.get_secret_value() if secret is not None else ""
+    return value or None
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Constant time, and equal-length inputs so the token's length does not leak either."""
+    return hmac.compare_digest(_digest(given), _digest(token))
+
+
+def session_cookie(token: str, *, now: float | None = None) -> str:
+    expires = int((time.time() if now is None else now) + SESSION_SECONDS)
+    mac = hmac.new(token.encode(), f"clientsync-dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def session_valid(value: str, token: str) -> bool:
+    expires_text, _, mac = value.partition(".")
+    try:
+        expires = int(expires_text)
+    except ValueError:
+        return False
+    expected = hmac.new(token.encode(), f"clientsync-dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(mac.encode(), expected.encode()) and expires > time.time()
+
+
+def authenticate(request: web.Request) -> str:
+    """'bearer' or 'cookie'; raises AuthFailure (503 when no token is configured, else 401/403)."""
+    token = configured_token(request)
+    if token is None:
+        raise AuthFailure(503, "the monitor is disabled: set CLIENTSYNC_MONITOR_TOKEN to enable it")
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and token_matches(given.strip(), token):
+            return "bearer"
+        raise AuthFailure(401, "invalid bearer token")
+    cookie = request.cookies.get(COOKIE)
+    if cookie and session_valid(cookie, token):
+        if request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
+            raise AuthFailure(403, f"a cookie-authenticated write needs the {CSRF_HEADER}: 1 header")
+        return "cookie"
+    raise AuthFailure(401, "missing credentials: send Authorization: Bearer <CLIENTSYNC_MONITOR_TOKEN>")
+
+
+def protected(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            authenticate(request)
+        except AuthFailure as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="clientsync monitor"'} if exc.status == 401 else None
+            return json_error(exc.status, str(exc), headers=headers)
+        return await handler(request)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def _monitor(request: web.Request) -> Monitor:
+    return request.app[appmod.MONITOR]
+
+
+def _ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers=NO_STORE)
+
+
+def _bad(exc: InvalidParam) -> web.Response:
+    return json_error(400, f"invalid parameter {exc.field}: {exc.rule}", field=exc.field, rule=exc.rule)
+
+
+def _check_known(params: Any, allowed: set[str], where: str) -> None:
+    for name in params:
+        if name not in allowed:
+            raise InvalidParam(name, f"unknown {where}; known: {', '.join(sorted(allowed))}")
+
+
+async def _json_body(request: web.Request, *, required: bool) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise InvalidParam("body", "must be a JSON object")
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParam("body", "is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise InvalidParam("body", "must be a JSON object")
+    return data
+
+
+def _note(body: dict[str, Any], default: str) -> str:
+    note = body.get("note", default)
+    if not isinstance(note, str) or len(note) > 200:
+        raise InvalidParam("note", "must be a string of at most 200 characters")
+    return note or default
+
+
+# --- handlers ---------------------------------------------------------------------------------------
+@protected
+async def summary(request: web.Request) -> web.Response:
+    """`GET /monitor/summary`: per-provider health."""
+    return _ok(await _monitor(request).summary())
+
+
+@protected
+async def list_jobs(request: web.Request) -> web.Response:
+    """`GET /monitor/jobs`: filter and page through jobs, newest update first."""
+    q = request.query
+    try:
+        _check_known(q.keys(), {*JobFilter.FIELDS, "limit", "cursor"}, "query parameter")
+        f = JobFilter.parse(q)
+        limit = parse_limit(q.get("limit"), default=50, maximum=MAX_LIMIT)
+        page = await _monitor(request).list_jobs(f, limit=limit, cursor=q.get("cursor") or None)
+    except InvalidParam as exc:
+        return _bad(exc)
+    return _ok({"jobs": page.jobs, "next_cursor": page.next_cursor, "limit": limit})
+
+
+@protected
+async def get_job(request: web.Request) -> web.Response:
+    """`GET /monitor/jobs/{id}`: one job with its attempt history."""
+    job_id = request.match_info["id"]
+    try:
+        return _ok(await _monitor(request).job(job_id))
+    except JobNotFound as exc:
+        return json_error(404, str(exc), id=job_id)
+
+
+@protected
+async def replay_job(request: web.Request) -> web.Response:
+    """`POST /monitor/jobs/{id}/replay`."""
+    job_id = request.match_info["id"]
+    try:
+        body = await _json_body(request, required=False)
+        _check_known(body, {"note"}, "field")
+        result = await _monitor(request).replay(job_id, note=_note(body, "replayed by operator"))
+    except InvalidParam as exc:
+        return _bad(exc)
+    except JobNotFound as exc:
+        return json_error(404, str(exc), id=job_id)
+    except NotAllowed as exc:
+        return json_error(409, str(exc), id=job_id, state=exc.state)
+    log.info("operator replayed job %s", job_id)
+    return _ok(result, status=202)
+
+
+@protected
+async def discard_job(request: web.Request) -> web.Response:
+    """`POST /monitor/jobs/{id}/discard`."""
+    job_id = request.match_info["id"]
+    try:
+        body = await _json_body(request, required=False)
+        _check_known(body, {"note"}, "field")
+        result = await _monitor(request).discard(job_id, note=_note(body, "discarded by operator"))
+    except InvalidParam as exc:
+        return _bad(exc)
+    except JobNotFound as exc:
+        return json_error(404, str(exc), id=job_id)
+    except NotAllowed as exc:
+        return json_error(409, str(exc), id=job_id, state=exc.state)
+    log.info("operator discarded job %s", job_id)
+    return _ok(result)
+
+
+_BULK_FILTER = ("provider", "error_class", "client_id", "since", "until")
+
+
+@protected
+async def replay_bulk(request: web.Request) -> web.Response:
+    """`POST /monitor/replay`: replay every dead job matching a filter."""
+    try:
+        body = await _json_body(request, required=True)
+        _check_known(body, {*_BULK_FILTER, "limit", "dry_run", "note"}, "field")
+        f = JobFilter.parse(body, allowed=_BULK_FILTER)
+        limit = parse_limit(body.get("limit"), default=1000, maximum=MAX_BULK)
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise InvalidParam("dry_run", "must be true or false")
+        result = await _monitor(request).replay_matching(f, limit=limit, dry_run=dry_run,
+                                                         note=_note(body, "bulk replay by operator"))
+    except InvalidParam as exc:
+        return _bad(exc)
+    if not dry_run:
+        log.info("operator bulk-replayed %d dead jobs", result["replayed"])
+    return _ok(result, status=200 if dry_run else 202)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """`GET /monitor/openapi.yaml` (public: it documents the API, it holds no data)."""
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text format; no token, no emails, no secrets."""
+    snapshot = await _monitor(request).snapshot()
+    body = render(snapshot, request.app[appmod.METRICS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """`GET /readyz`: Redis and the broker reachable and a worker heartbeating, else 503 naming what is not."""
+    ready, details = await _monitor(request).readiness()
+    return web.json_response({"status": "ready" if ready else "not ready", **details},
+                             status=200 if ready else 503, headers=NO_STORE)
+
+
+# --- wiring -----------------------------------------------------------------------------------------
+def setup(app: web.Application) -> None:
+    """Routes, the Monitor (built on the app's Redis client) and the receiver's own counters."""
+    app[appmod.METRICS] = ReceiverMetrics()
+    app.middlewares.insert(0, webhook_middleware(app[appmod.METRICS]))
+
+    async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[appmod.MONITOR] = Monitor(app[appmod.REDIS], queue=app[appmod.SETTINGS].queue)
+        yield
+
+    app.cleanup_ctx.append(monitor_ctx)
+    r = app.router
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/monitor/openapi.yaml", openapi)
+    r.add_get("/monitor/summary", summary)
+    r.add_get("/monitor/jobs", list_jobs)
+    r.add_post("/monitor/replay", replay_bulk)
+    r.add_post("/monitor/jobs/{id:.+}/replay", replay_job)
+    r.add_post("/monitor/jobs/{id:.+}/discard", discard_job)
+    r.add_get("/monitor/jobs/{id:.+}", get_job)
