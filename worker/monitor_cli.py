@@ -1,0 +1,227 @@
+"""Monitoring commands for the `clientsync` CLI: jobs, job, replay, discard, summary.
+
+They talk to Redis directly (`CLIENTSYNC_REDIS_URL`) through the same `worker.monitor.Monitor`
+the monitor API uses, and print plain aligned tables. Emails are masked, as in the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from worker.cli import CliError, _require_redis, _settings
+from worker.monitor import (
+    MAX_BULK,
+    MAX_LIMIT,
+    InvalidParam,
+    JobFilter,
+    JobNotFound,
+    Monitor,
+    NotAllowed,
+    parse_limit,
+)
+
+T = TypeVar("T")
+STATE_ORDER = ("queued", "running", "retrying", "dead", "succeeded", "skipped", "discarded")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, max_width: int = 60) -> str:
+    """A plain text table, columns aligned, long cells cut with an ellipsis."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else str(value).replace("\n", " ")
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def short_time(iso: str | None) -> str:
+    return (iso or "").replace("T", " ").replace("Z", "")[:19]
+
+
+def _run(work: Callable[[Monitor], Awaitable[T]]) -> T:
+    settings = _settings()
+    url = _require_redis(settings)
+
+    async def go() -> T:
+        client = aioredis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        try:
+            return await work(Monitor(client, queue=settings.queue))
+        except (OSError, aioredis.RedisError) as exc:
+            raise CliError(f"cannot reach Redis at CLIENTSYNC_REDIS_URL: {type(exc).__name__}") from exc
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def _filter(args: argparse.Namespace, names: Sequence[str]) -> JobFilter:
+    params = {n: getattr(args, n, None) for n in names}
+    try:
+        return JobFilter.parse({k: v for k, v in params.items() if v is not None}, allowed=names)
+    except InvalidParam as exc:
+        raise CliError(f"--{exc.field.replace('_', '-')}: {exc.rule}") from exc
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def cmd_jobs(args: argparse.Namespace) -> int:
+    f = _filter(args, JobFilter.FIELDS)
+    try:
+        limit = parse_limit(args.limit, default=50, maximum=MAX_LIMIT)
+    except InvalidParam as exc:
+        raise CliError(f"--limit: {exc.rule}") from exc
+    try:
+        page = _run(lambda m: m.list_jobs(f, limit=limit, cursor=args.cursor))
+    except InvalidParam as exc:
+        raise CliError(f"--{exc.field}: {exc.rule}") from exc
+    if args.json:
+        print(json.dumps({"jobs": page.jobs, "next_cursor": page.next_cursor}, indent=2))
+        return 0
+    rows = [(j["id"], j["state"], j["provider"], j["client_id"], j["attempts"], short_time(j["updated_at"]),
+             ": ".join(x for x in (j["last_error_class"], j["last_error"]) if x) or j["result"] or "")
+            for j in page.jobs]
+    print(table(["job", "state", "provider", "client", "tries", "updated (utc)", "last error / result"], rows))
+    print(f"\n{len(rows)} job(s)" + (f"; more with --cursor {page.next_cursor}" if page.next_cursor else ""))
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    try:
+        job = _run(lambda m: m.job(args.id))
+    except JobNotFound as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0
+    fields = [("job", job["id"]), ("state", job["state"]), ("provider", job["provider"]),
+              ("event", job["event_id"]), ("client", job["client_id"]), ("action", job["action"]),
+              ("attempts", job["attempts"]), ("replays", job["replays"]),
+              ("received", short_time(job["received_at"])), ("updated", short_time(job["updated_at"])),
+              ("result", job["result"] or job["reason"]), ("provider id", job["provider_id"]),
+              ("last error", ": ".join(x for x in (job["last_error_class"], job["last_error"]) if x)),
+              ("replayable", "yes" if job["replayable"] else "no")]
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        if value not in (None, ""):
+            print(f"{key.ljust(width)}  {value}")
+    print("\nhistory:")
+    rows = [(a.get("number") or "", short_time(a.get("at")), a.get("outcome"), a.get("error_class"),
+             a.get("status"), a.get("message") or a.get("note"), short_time(a.get("next_attempt_at")))
+            for a in job["history"]]
+    print(table(["#", "at (utc)", "outcome", "error", "http", "message", "next attempt"], rows, max_width=80))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if bool(args.id) == bool(args.all_dead):
+        raise CliError("give either a job id or --all-dead (with optional filters)")
+    if args.id:
+        try:
+            result = _run(lambda m: m.replay(args.id, note="replayed from the CLI"))
+        except JobNotFound as exc:
+            raise CliError(str(exc)) from exc
+        except NotAllowed as exc:
+            raise CliError(str(exc)) from exc
+        print(f"{result['id']}: queued (task {result['task_id']})")
+        return 0
+    f = _filter(args, ("provider", "error_class", "since", "until"))
+    try:
+        limit = parse_limit(args.limit, default=1000, maximum=MAX_BULK)
+    except InvalidParam as exc:
+        raise CliError(f"--limit: {exc.rule}") from exc
+    bulk = _run(lambda m: m.replay_matching(f, limit=limit, dry_run=args.dry_run, note="bulk replay from the CLI"))
+    if args.dry_run:
+        print(f"{bulk['matched']} dead job(s) match" + (" (and more)" if bulk["more"] else ""))
+        for job_id in bulk.get("jobs", []):
+            print(f"  {job_id}")
+        return 0
+    print(f"replayed {bulk['replayed']} of {bulk['matched']} matching dead job(s)"
+          + (f"; {bulk['not_replayable']} invalid message(s) cannot be replayed" if bulk["not_replayable"] else "")
+          + (f"; {len(bulk['refused'])} changed state meanwhile" if bulk["refused"] else "")
+          + ("; more match: run again" if bulk["more"] else ""))
+    return 0
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    try:
+        _run(lambda m: m.discard(args.id, note="discarded from the CLI"))
+    except (JobNotFound, NotAllowed) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{args.id}: discarded")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    data = _run(lambda m: m.summary())
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    workers = data["workers"]
+    print(f"queue {data['queue']}: {data['queue_depth']} waiting; workers alive: {len(workers)}"
+          + (f" ({', '.join(workers[:5])}{'…' if len(workers) > 5 else ''})" if workers else ""))
+    rows = []
+    for name, p in data["providers"].items():
+        rate = p["rate_limit"]
+        headroom = f"{rate['tokens']:g}" + (f"/{rate['limit']:g}" if rate.get("limit") else "") \
+            if "tokens" in rate else "-"
+        oldest = p["oldest_retrying"]
+        rows.append([name, p["circuit"]["state"], *(p["counts"][s] for s in STATE_ORDER), headroom,
+                     f"{oldest['id']} ({oldest['attempts']} tries)" if oldest else "-"])
+    print()
+    print(table(["provider", "circuit", *STATE_ORDER, "rate tokens", "oldest retrying"], rows))
+    return 0
+
+
+# --- wiring -----------------------------------------------------------------------------------------
+def _filters(p: argparse.ArgumentParser, *, state: bool) -> None:
+    if state:
+        p.add_argument("--state", help="queued, running, retrying, succeeded, skipped, dead or discarded")
+    p.add_argument("--provider")
+    p.add_argument("--since", help="last update at or after (RFC 3339 or unix seconds)")
+    p.add_argument("--until", help="last update at or before (RFC 3339 or unix seconds)")
+
+
+def register(sub: Any) -> None:
+    """Add the monitoring subcommands to the `clientsync` parser."""
+    p = sub.add_parser("jobs", help="list ledger jobs (filters: state, provider, client, event, time)")
+    _filters(p, state=True)
+    p.add_argument("--client", dest="client_id", help="the client's id in the source system")
+    p.add_argument("--event", dest="event_id")
+    p.add_argument("--error-class", dest="error_class")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--cursor", help="continue after a previous page")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("job", help="one job with its attempt history")
+    p.add_argument("id", help="<provider>:<event_id>")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("replay", help="replay one dead job, or every dead job matching filters")
+    p.add_argument("id", nargs="?", help="<provider>:<event_id>")
+    p.add_argument("--all-dead", action="store_true", help="replay every dead job matching the filters")
+    _filters(p, state=False)
+    p.add_argument("--error-class", dest="error_class")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--dry-run", action="store_true", help="only count the matching dead jobs")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("discard", help="discard a dead job (kept with its history, out of the dead list)")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_discard)
+
+    p = sub.add_parser("summary", help="per-provider health: jobs by state, circuit, rate limit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
