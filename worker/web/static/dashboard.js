@@ -184,7 +184,9 @@ function renderDetail(job) {
   const shown = [["state", badge(job.state)], ["provider", job.provider], ["event", job.event_id],
     ["client", job.client_id], ["action", job.action], ["attempts", job.attempts], ["replays", job.replays],
     ["received", job.received_at], ["last update", job.updated_at], ["result", job.result || job.reason],
-    ["provider id", job.provider_id], ["last error", errorText(job)], ["note", job.note]];
+    ["provider id", job.provider_id],
+    ["last error", ["dead", "retrying", "discarded"].includes(job.state) ? errorText(job) : null],
+    ["note", job.note]];
   for (const [name, value] of shown) {
     if (value === null || value === undefined || value === "") continue;
     fields.append(el("dt", {}, name), el("dd", {}, value));
@@ -231,7 +233,14 @@ async function refresh() {
     ]);
     renderProviders(summary);
     renderJobs(dead, retrying, recent);
-    if (selectedJob) renderDetail(await api(`/monitor/jobs/${encodeURIComponent(selectedJob)}`));
+    if (selectedJob) {
+      try {
+        renderDetail(await api(`/monitor/jobs/${encodeURIComponent(selectedJob)}`));
+      } catch (err) {  // dropped by retention meanwhile
+        selectedJob = null;
+        document.getElementById("detail").hidden = true;
+      }
+    }
     const updated = document.getElementById("updated");
     updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "1";
