@@ -1,0 +1,189 @@
+"""`run_job` decisions without Celery: a real Redis, the Invoice Ninja sandbox over HTTP.
+
+What the retry engine decides for one run of a job: park and how long, with which attempt
+number, what the ledger shows, and what the shared circuit and bucket learn.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import change
+from worker import keys
+from worker.circuit import CircuitBreaker
+from worker.jobs import JobContext, RetryPolicy, before_call_hook, run_job
+from worker.ledger import Ledger
+from worker.models import ClientChange
+from worker.parking import Parking
+from worker.providers import adapter_class
+from worker.ratelimit import Limit, RateLimiter
+from worker.sandbox.server import RunningSandbox, start_sandbox
+from worker.store import SyncStore
+
+IN = "invoice_ninja"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[RunningSandbox]:
+    sb = await start_sandbox(names=[IN])
+    yield sb
+    await sb.stop()
+
+
+@pytest.fixture
+async def redis(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def ctx(sandbox: RunningSandbox, redis: aioredis.Redis,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[JobContext]:
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    async with aiohttp.ClientSession() as session:
+        adapter = adapter_class(IN)(adapter_class(IN).settings_class(), session)
+        limiter = RateLimiter(redis, {IN: Limit(None, 1.0)}, max_wait=0.5)
+        adapter.before_call = before_call_hook(limiter)
+        yield JobContext(
+            store=SyncStore(redis, idempotency_ttl=3600, lease_seconds=5),
+            ledger=Ledger(redis),
+            adapters={IN: adapter},
+            policies={IN: RetryPolicy(max_attempts=3, base=0.5, cap=2)},
+            disabled={},
+            owner="test",
+            lock_wait=0.5,
+            rng=random.Random(1),
+            parking=Parking(redis, queue="celery"),
+            limiter=limiter,
+            circuit=CircuitBreaker(redis, threshold=2, cooldown=30, max_cooldown=60, probe_lease=30),
+            circuit_recheck=0.5,
+        )
+
+
+def sim(sandbox: RunningSandbox) -> Any:
+    return sandbox.simulators[IN]
+
+
+async def start(ctx: JobContext, n: int = 1) -> ClientChange:
+    c = ClientChange.model_validate(change(f"e-{n}-{time.time_ns()}", f"c-{n}-{time.time_ns()}"))
+    await ctx.ledger.enqueued(c, IN)
+    return c
+
+
+async def parked_attempt(redis: aioredis.Redis, job_id: str) -> tuple[int, float]:
+    """The attempt number a job's parked message carries, and its due time (unix seconds)."""
+    message = await redis.hget(keys.DELAYED_JOBS, job_id)
+    assert message, f"{job_id} is not parked"
+    _args, kwargs, _ = json.loads(base64.b64decode(json.loads(message)["body"]))
+    return kwargs["attempt"], float(await redis.zscore(keys.DELAYED, message) or 0) / 1000
+
+
+async def test_a_transient_failure_parks_the_next_attempt(ctx: JobContext, sandbox: RunningSandbox,
+                                                          redis: aioredis.Redis) -> None:
+    sim(sandbox).faults.fail_next = 1
+    c = await start(ctx)
+    before = time.time()
+    decision = await run_job(c, IN, 1, ctx)
+    assert decision.state == "retrying" and decision.retry_in is None and decision.attempt == 2
+    attempt, due = await parked_attempt(redis, keys.job_id(IN, c.event_id))
+    assert attempt == 2 and before <= due <= time.time() + 0.5  # within the first backoff ceiling
+    job = await ctx.ledger.get(keys.job_id(IN, c.event_id))
+    assert job is not None and job.state == "retrying" and job.fields["attempts"] == "1"
+    assert float(job.fields["next_attempt_at"]) == pytest.approx(due, abs=0.05)
+    assert job.fields["last_error_class"] == "unavailable"
+
+
+async def test_a_permanent_error_is_dead_at_once(ctx: JobContext, sandbox: RunningSandbox,
+                                                 redis: aioredis.Redis) -> None:
+    sim(sandbox).faults.fail_next, sim(sandbox).faults.error_status = 1, 422
+    c = await start(ctx)
+    decision = await run_job(c, IN, 1, ctx)
+    assert decision.state == "dead"
+    assert await redis.zcard(keys.DELAYED) == 0
+    # the provider answered: that is a success for its circuit
+    assert (await ctx.circuit.allow(IN, "x")).state == "closed"  # type: ignore[union-attr]
+
+
+async def test_the_last_attempt_is_dead_with_the_providers_own_policy(ctx: JobContext, sandbox: RunningSandbox,
+                                                                      redis: aioredis.Redis) -> None:
+    sim(sandbox).faults.fail_next = 1
+    c = await start(ctx)
+    assert (await run_job(c, IN, 3, ctx)).state == "dead"  # max_attempts=3
+    assert await redis.zcard(keys.DELAYED) == 0
+
+
+async def test_an_open_circuit_parks_the_job_without_a_call_or_an_attempt(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
+) -> None:
+    assert ctx.circuit is not None
+    for i in range(2):
+        await ctx.circuit.record(IN, f"j{i}", "failure")
+    c = await start(ctx)
+    decision = await run_job(c, IN, 4, ctx)
+    assert decision.state == "retrying" and decision.attempt == 4  # the same attempt number
+    assert sim(sandbox).calls == []
+    attempt, due = await parked_attempt(redis, keys.job_id(IN, c.event_id))
+    assert attempt == 4 and 29 < due - time.time() <= 30.6  # at the probe time (plus a little spread)
+    job = await ctx.ledger.get(keys.job_id(IN, c.event_id))
+    assert job is not None and job.state == "retrying" and job.attempts == []
+    assert job.fields["last_error_class"] == "circuit_open"
+    assert float(job.fields["next_attempt_at"]) == pytest.approx(due, abs=0.05)
+
+
+async def test_failures_open_the_circuit_and_the_failing_job_waits_for_the_probe(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
+) -> None:
+    sim(sandbox).faults.fail_next = 2
+    first, second = await start(ctx, 1), await start(ctx, 2)
+    await run_job(first, IN, 1, ctx)
+    await run_job(second, IN, 1, ctx)  # the second consecutive failure opens it
+    assert (await redis.hget(keys.circuit(IN), "state")) == "open"
+    _attempt, due = await parked_attempt(redis, keys.job_id(IN, second.event_id))
+    assert due - time.time() > 29  # not its 0.5 s backoff: nobody calls before the probe
+
+
+async def test_the_probe_closes_the_circuit_when_the_provider_is_back(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
+) -> None:
+    assert ctx.circuit is not None
+    for i in range(2):
+        await ctx.circuit.record(IN, f"j{i}", "failure", now_ms=int(time.time() * 1000) - 31_000)
+    c = await start(ctx)
+    assert (await run_job(c, IN, 2, ctx)).state == "succeeded"
+    assert (await redis.hget(keys.circuit(IN), "state")) == "closed"
+
+
+async def test_a_429_blocks_the_provider_for_every_job_until_its_retry_after(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
+) -> None:
+    sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 3
+    first, other = await start(ctx, 1), await start(ctx, 2)
+    assert (await run_job(first, IN, 1, ctx)).attempt == 2  # a real call: an attempt spent
+    _attempt, due = await parked_attempt(redis, keys.job_id(IN, first.event_id))
+    assert due - time.time() > 2.9
+    # Another job meets the block before any call: parked, no call, no attempt spent.
+    decision = await run_job(other, IN, 1, ctx)
+    assert decision.state == "retrying" and decision.attempt == 1
+    assert len(sim(sandbox).calls) == 1
+    job = await ctx.ledger.get(keys.job_id(IN, other.event_id))
+    assert job is not None and job.fields["last_error_class"] == "rate_limited" and job.attempts == []
+    assert (await redis.hget(keys.circuit(IN), "failures")) in (None, "0")  # throttling is not an outage
+
+
+async def test_without_parking_a_retry_falls_back_to_a_short_countdown(ctx: JobContext,
+                                                                       sandbox: RunningSandbox) -> None:
+    ctx.parking, ctx.countdown_max = None, 0.25
+    sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 30
+    decision = await run_job(await start(ctx), IN, 1, ctx)
+    assert decision.retry_in == 0.25 and decision.attempt == 2
