@@ -87,20 +87,31 @@ async def test_discard_only_takes_dead_jobs_and_keeps_the_history(r: aioredis.Re
     assert (await ledger.get(dead)).state == "discarded"  # type: ignore[union-attr]
 
 
-async def test_trim_drops_oldest_finished_jobs_past_the_count_and_never_live_ones(r: aioredis.Redis) -> None:
+async def test_the_count_bound_holds_at_every_transition_and_never_drops_live_jobs(r: aioredis.Redis) -> None:
     ledger = Ledger(r, max_jobs=5, trim_every=0)
     live = [await make_job(ledger, "qonto", f"live{i}", "retrying") for i in range(3)]
-    done = [await make_job(ledger, "qonto", f"done{i}", "succeeded", client_id=f"c{i}") for i in range(12)]
-    assert await ledger.trim_all() == 7
+    done = []
+    for i in range(12):
+        done.append(await make_job(ledger, "qonto", f"done{i}", "succeeded", client_id=f"c{i}"))
+        assert await r.zcard(keys.JOBS_FINISHED) <= 5
+    assert await ledger.trim_all() == 0  # nothing left for the sweep
     remaining = set(await r.zrange(keys.JOBS_BY_TIME, 0, -1))
     assert remaining == set(live) | set(done[-5:])
     for gone in done[:7]:
         assert not await r.exists(keys.job(gone), keys.job_attempts(gone))
-    # no index keeps a trimmed id, and empty client indexes disappear
+    # no index keeps a dropped id, and emptied client indexes disappear
     for key in (keys.jobs_in_state("succeeded"), keys.jobs_of_provider_in_state("qonto", "succeeded"),
                 keys.JOBS_FINISHED):
         assert set(await r.zrange(key, 0, -1)) == set(done[-5:])
     assert not await r.exists(keys.jobs_of_client("c0"))
+
+
+async def test_a_sweep_with_a_lower_bound_drops_the_oldest_finished_jobs(r: aioredis.Redis) -> None:
+    writer = Ledger(r, max_jobs=1000, trim_every=0)
+    done = [await make_job(writer, "qonto", f"done{i}", "dead") for i in range(8)]
+    live = await make_job(writer, "qonto", "live", "queued")
+    assert await Ledger(r, max_jobs=3).trim_all() == 5
+    assert set(await r.zrange(keys.JOBS_BY_TIME, 0, -1)) == {live, *done[-3:]}
 
 
 async def test_trim_drops_finished_jobs_older_than_the_max_age(r: aioredis.Redis) -> None:

@@ -12,10 +12,12 @@ listing by state, provider, client or time never scans. Each transition is one L
 success, the receipt-to-applied latency histogram (`keys.latency`): the receiver exposes
 them at /metrics although the transitions happen in the workers.
 
-Retention (`trim`) is bounded by count and age and applies to finished jobs only: a
-queued, running or retrying job is never dropped under a worker's feet (live jobs are
-bounded by the queue itself). Workers trim every `trim_every` new jobs and on a timer
-(`run_retention`), so Redis memory stays flat under any load.
+Retention is bounded by count and age and applies to finished jobs only: a queued, running
+or retrying job is never dropped under a worker's feet (live jobs are bounded by the queue
+itself). The count bound is kept by the transition script itself (a job that finishes past
+`max_jobs` drops up to two of the oldest finished ones), so it holds at every moment
+whatever the number of workers; age is swept by `trim`, which workers run every
+`trim_every` new jobs and on a timer (`run_retention`). Redis memory stays flat under any load.
 """
 
 from __future__ import annotations
@@ -75,10 +77,26 @@ local COUNTER = cjson.decode({_lua_str(json.dumps(STATE_COUNTERS))})
 local BUCKETS = cjson.decode({_lua_str(json.dumps([[b, bucket_label(b)] for b in LATENCY_BUCKETS]))})
 local KEEP_HISTORY = {MAX_ATTEMPTS_KEPT}
 
+-- Forget one job: its record, history and every index entry.
+local function drop(id)
+  local job = JOB .. id
+  local m = redis.call('HMGET', job, 'state', 'provider', 'client_id')
+  if m[1] then
+    redis.call('ZREM', STATE .. m[1], id)
+    redis.call('ZREM', PS .. (m[2] or '?') .. ':' .. m[1], id)
+  end
+  if m[3] then redis.call('ZREM', CLIENT .. m[3], id) end
+  redis.call('DEL', job, job .. ':attempts')
+  redis.call('ZREM', ALL, id)
+  redis.call('ZREM', FINISHED, id)
+end
+
 -- mode: 'create' only if absent; 'live' not over a final state; 'force' always;
 -- 'guard' only from a state in `allowed` (a set). entry: JSON for the history list or '';
 -- counts: whether the entry is an attempt (bumps the `attempts` field).
-local function transition(id, new, now, mode, fields, entry, counts, allowed)
+-- keep: the most finished jobs kept (0 = no limit): a job that finishes past it drops up to
+-- two of the oldest finished ones, so the count bound holds at every moment, not per sweep.
+local function transition(id, new, now, mode, fields, entry, counts, allowed, keep)
   local job = JOB .. id
   local old = redis.call('HGET', job, 'state')
   if mode == 'create' and old then return old, false end
@@ -107,7 +125,19 @@ local function transition(id, new, now, mode, fields, entry, counts, allowed)
   redis.call('ZADD', PS .. provider .. ':' .. new, now, id)
   redis.call('ZADD', ALL, now, id)
   if meta[2] and meta[2] ~= '-' then redis.call('ZADD', CLIENT .. meta[2], now, id) end
-  if FINAL[new] then redis.call('ZADD', FINISHED, now, id) else redis.call('ZREM', FINISHED, id) end
+  if FINAL[new] then
+    redis.call('ZADD', FINISHED, now, id)
+    if keep and keep > 0 then
+      local over = redis.call('ZCARD', FINISHED) - keep
+      if over > 0 then
+        for _, victim in ipairs(redis.call('ZRANGE', FINISHED, 0, math.min(over, 2) - 1)) do
+          if victim ~= id then drop(victim) end
+        end
+      end
+    end
+  else
+    redis.call('ZREM', FINISHED, id)
+  end
   local stats = STATS .. provider
   redis.call('SADD', PROVIDERS, provider)
   if not old then redis.call('HINCRBY', stats, 'enqueued', 1) end
@@ -132,10 +162,11 @@ local function transition(id, new, now, mode, fields, entry, counts, allowed)
 end
 """
 
-# ARGV: job_id, new state, now_ms, mode, fields JSON, entry JSON ('' for none), '1' if the entry is an attempt
+# ARGV: job_id, new state, now_ms, mode, fields JSON, entry JSON ('' for none), '1' if the entry is an
+# attempt, max finished jobs kept
 _TRANSITION = _LIB + """
 local old = transition(ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], cjson.decode(ARGV[5]), ARGV[6],
-                       ARGV[7] == '1', {})
+                       ARGV[7] == '1', {}, tonumber(ARGV[8]))
 return old
 """
 
@@ -156,7 +187,7 @@ fields.note = note
 local out = {}
 for i = 5, #ARGV, 2 do
   local id, message = ARGV[i], ARGV[i + 1]
-  local old, moved = transition(id, new, now, 'guard', fields, entry, false, allowed)
+  local old, moved = transition(id, new, now, 'guard', fields, entry, false, allowed, 0)
   if moved then
     if action == 'replay' then
       redis.call('LPUSH', KEYS[1], message)
@@ -179,18 +210,7 @@ if n > keep and #victims < batch then
   local extra = redis.call('ZRANGE', FINISHED, #victims, #victims + math.min(n - keep, batch - #victims) - 1)
   for _, id in ipairs(extra) do table.insert(victims, id) end
 end
-for _, id in ipairs(victims) do
-  local job = JOB .. id
-  local m = redis.call('HMGET', job, 'state', 'provider', 'client_id')
-  if m[1] then
-    redis.call('ZREM', STATE .. m[1], id)
-    redis.call('ZREM', PS .. (m[2] or '?') .. ':' .. m[1], id)
-  end
-  if m[3] then redis.call('ZREM', CLIENT .. m[3], id) end
-  redis.call('DEL', job, job .. ':attempts')
-  redis.call('ZREM', ALL, id)
-  redis.call('ZREM', FINISHED, id)
-end
+for _, id in ipairs(victims) do drop(id) end
 return #victims
 """
 
@@ -268,7 +288,7 @@ class Ledger:
         old = await self._transition(
             keys=[keys.job(job_id), keys.job_attempts(job_id), keys.JOBS_BY_TIME],
             args=[job_id, state, now_ms(), mode, json.dumps(fields or {}),
-                  attempt.to_json() if attempt else "", "1" if attempt else "0"],
+                  attempt.to_json() if attempt else "", "1" if attempt else "0", self.max_jobs],
         )
         return _text(old)
 
