@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import AsyncIterator
 
@@ -27,35 +28,52 @@ def limiter(redis: aioredis.Redis, calls: int | None = 5, period: float = 1.0, m
     return RateLimiter(redis, {"p": Limit(calls, period)}, max_wait=max_wait)
 
 
-async def test_a_full_bucket_grants_its_limit_then_tells_the_wait(redis: aioredis.Redis) -> None:
-    rl = limiter(redis, calls=5, period=1.0)
+async def test_a_full_bucket_lets_a_tenth_of_the_limit_go_at_once_then_paces(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=50, period=1.0)  # burst 5, then 45 more per second
     grants = [await rl.try_acquire("p", now_ms=T0) for _ in range(5)]
     assert all(g.granted and g.wait == 0 for g in grants)
     refused = await rl.try_acquire("p", now_ms=T0)
     assert not refused.granted
-    assert refused.wait == pytest.approx(0.2)  # one token per 200 ms
+    assert refused.wait == pytest.approx(1 / 45, abs=0.001)
 
 
-async def test_tokens_refill_with_time_up_to_the_limit(redis: aioredis.Redis) -> None:
-    rl = limiter(redis, calls=5, period=1.0)
+async def test_tokens_refill_with_time_up_to_the_burst(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=50, period=1.0)
     for _ in range(5):
         assert (await rl.try_acquire("p", now_ms=T0)).granted
-    assert (await rl.try_acquire("p", now_ms=T0 + 200)).granted
-    assert not (await rl.try_acquire("p", now_ms=T0 + 200)).granted
-    # an hour idle refills to the limit, not beyond
+    assert (await rl.try_acquire("p", now_ms=T0 + 23)).granted  # 45/s: one token per 22.2 ms
+    assert not (await rl.try_acquire("p", now_ms=T0 + 23)).granted
+    # an hour idle refills to the burst, not beyond
     later = T0 + 3_600_000
     assert sum([(await rl.try_acquire("p", now_ms=later)).granted for _ in range(8)]) == 5
 
 
+@pytest.mark.parametrize(("calls", "period"), [(50, 1.0), (500, 60.0), (1000, 10.0), (3, 1.0)])
+async def test_no_window_of_one_period_ever_holds_more_than_the_limit(
+    redis: aioredis.Redis, calls: int, period: float
+) -> None:
+    """Greedy callers at every millisecond tick for three periods: count starts per window."""
+    rl = RateLimiter(redis, {"p": Limit(calls, period)}, max_wait=0)
+    starts: list[int] = []
+    step = max(1, int(period * 1000 / (calls * 2)))
+    for now in range(T0, T0 + int(3 * period * 1000), step):
+        while (await rl.try_acquire("p", now_ms=now)).granted:
+            starts.append(now)
+    window = int(period * 1000)
+    worst = max(bisect.bisect_left(starts, s + window) - i for i, s in enumerate(starts))
+    assert worst <= calls
+    limit = Limit(calls, period)
+    assert len(starts) >= 0.7 * (limit.burst + 3 * limit.refill)  # and the limit is used, not starved
+
+
 async def test_a_short_wait_reserves_the_slot_and_books_later_calls_behind_it(redis: aioredis.Redis) -> None:
-    rl = limiter(redis, calls=5, period=1.0, max_wait=1.0)
-    for _ in range(5):
-        await rl.try_acquire("p", now_ms=T0)
-    waits = [(await rl.try_acquire("p", now_ms=T0)) for _ in range(6)]
-    assert [g.granted for g in waits] == [True] * 5 + [False]
-    assert [g.wait for g in waits[:5]] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert waits[5].wait == pytest.approx(1.2)  # refused, and nothing was taken:
-    assert (await rl.try_acquire("p", now_ms=T0, max_wait=2)).wait == pytest.approx(1.2)
+    rl = limiter(redis, calls=10, period=1.0, max_wait=0.5)  # burst 1, 9 per second
+    assert (await rl.try_acquire("p", now_ms=T0)).wait == 0
+    waits = [(await rl.try_acquire("p", now_ms=T0)) for _ in range(5)]
+    assert [g.granted for g in waits] == [True] * 4 + [False]
+    assert [g.wait for g in waits[:4]] == pytest.approx([1 / 9, 2 / 9, 3 / 9, 4 / 9], abs=0.001)
+    assert waits[4].wait == pytest.approx(5 / 9, abs=0.001)  # refused, and nothing was taken:
+    assert (await rl.try_acquire("p", now_ms=T0, max_wait=2)).wait == pytest.approx(5 / 9, abs=0.001)
 
 
 async def test_a_refused_call_takes_no_token(redis: aioredis.Redis) -> None:
@@ -69,9 +87,9 @@ async def test_a_refused_call_takes_no_token(redis: aioredis.Redis) -> None:
 async def test_many_workers_racing_share_one_bucket(fresh_redis_url: str) -> None:
     clients = [aioredis.from_url(fresh_redis_url) for _ in range(20)]
     try:
-        grants = await asyncio.gather(*(limiter(c, calls=7, period=60).try_acquire("p", now_ms=T0)
+        grants = await asyncio.gather(*(limiter(c, calls=70, period=60).try_acquire("p", now_ms=T0)
                                         for c in clients))
-        assert sum(g.granted for g in grants) == 7
+        assert sum(g.granted for g in grants) == 7  # the burst: a tenth of 70
     finally:
         for c in clients:
             await c.aclose()
@@ -89,11 +107,11 @@ async def test_a_429_block_stops_every_call_until_it_ends(redis: aioredis.Redis)
     assert await rl.block("p", 2.0, now_ms=T0) == T0 + 2000
     during = await rl.try_acquire("p", now_ms=T0 + 500)
     # the block's end, plus one token's time: the bucket restarts empty
-    assert not during.granted and during.wait == pytest.approx(1.5 + 0.01)
+    assert not during.granted and during.wait == pytest.approx(1.5 + 1 / 90, abs=0.001)
     assert (await rl.blocked_for("p", now_ms=T0 + 500)) == pytest.approx(1.5)
     # the bucket restarts empty at the block's end: the backlog does not burst
     at_end = await rl.try_acquire("p", now_ms=T0 + 2000, max_wait=1)
-    assert at_end.granted and 0 < at_end.wait <= 0.011
+    assert at_end.granted and 0 < at_end.wait <= 0.012
     assert await rl.blocked_for("p", now_ms=T0 + 2000) == 0
 
 
@@ -128,7 +146,7 @@ async def test_acquire_waits_for_a_near_slot_and_raises_for_a_far_one(redis: aio
 
 
 async def test_a_block_set_while_waiting_for_a_slot_is_honoured(redis: aioredis.Redis) -> None:
-    rl = limiter(redis, calls=1, period=0.5, max_wait=2.0)
+    rl = limiter(redis, calls=1, period=0.5, max_wait=2.0)  # burst 1, one more per 0.5 s
     assert (await rl.try_acquire("p")).granted  # the only token
     waiter = asyncio.create_task(rl.acquire("p"))  # books the next slot, ~0.5 s away
     await asyncio.sleep(0.1)
@@ -144,7 +162,7 @@ async def test_the_bucket_hash_has_the_documented_fields(redis: aioredis.Redis) 
     await rl.block("p", 1, now_ms=T0)
     raw = await redis.hgetall(keys.rate_bucket("p"))
     fields = {k.decode(): v.decode() for k, v in raw.items()}
-    assert set(fields) == {"limit", "period", "tokens", "tokens_at", "blocked_until", "blocks"}
-    assert float(fields["limit"]) == 5 and float(fields["period"]) == 2
+    assert set(fields) == {"limit", "period", "burst", "tokens", "tokens_at", "blocked_until", "blocks"}
+    assert float(fields["limit"]) == 5 and float(fields["period"]) == 2 and fields["burst"] == "1"
     assert float(fields["blocked_until"]) == pytest.approx((T0 + 1000) / 1000)
     assert fields["blocks"] == "1"

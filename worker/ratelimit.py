@@ -3,6 +3,11 @@
 Each operation is one Lua script (one round trip) and reads Redis's own clock (`TIME`), so
 workers on hosts whose clocks disagree still share one notion of "now".
 
+The bucket holds at most `burst` tokens (a tenth of the limit) and refills at
+`(limit - burst) / period`: in any window of `period` seconds at most `burst + (limit - burst)`
+= `limit` calls start, whether the provider counts in fixed or sliding windows. (A bucket of
+`limit` tokens refilled at `limit / period` would allow twice the limit in some windows.)
+
 `acquire` takes a token for one provider call. A call that can start within `max_wait`
 reserves its token and sleeps until its turn (tokens may go negative: calls booked ahead);
 a longer wait takes nothing and raises `BucketEmpty`, a `RateLimitedError` whose
@@ -14,6 +19,7 @@ Hash `keys.rate_bucket(provider)`; fields (stable: the monitor reads them):
 
 - `limit`, `period`: the configured limit, `limit` calls per `period` seconds (0 = no limit:
   only 429 blocks apply)
+- `burst`: the bucket's capacity (calls that may start at once)
 - `tokens`: tokens left at `tokens_at` (a float; negative = calls already booked ahead)
 - `tokens_at`: unix seconds at which `tokens` was counted (may be in the future after a block)
 - `blocked_until`: unix seconds before which no call may start (a 429's Retry-After), 0 = never
@@ -51,11 +57,12 @@ local function now_ms(arg)
 end
 """
 
-# KEYS[1] bucket; ARGV: limit, period_ms, max_wait_ms, now_ms ('' = Redis time)
+# KEYS[1] bucket; ARGV: limit, period_ms, burst, refill per period, max_wait_ms, now_ms ('' = Redis time)
 # -> {granted (1|0), wait_ms, blocked_until_ms}
 _ACQUIRE = _NOW + """
-local limit, period, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = now_ms(ARGV[4])
+local limit, period, burst, refill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_wait = tonumber(ARGV[5])
+local now = now_ms(ARGV[6])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'tokens_at', 'blocked_until')
 local blocked = math.floor((tonumber(b[3]) or 0) * 1000 + 0.5)
 local start = math.max(now, blocked)
@@ -63,18 +70,19 @@ if limit <= 0 then
   local wait = start - now
   return {wait <= max_wait and 1 or 0, wait, blocked}
 end
-local rate = limit / period
-local tokens = tonumber(b[1]) or limit
+local rate = refill / period
+local tokens = tonumber(b[1]) or burst
 local ts = b[2] and math.floor(tonumber(b[2]) * 1000 + 0.5) or now
-if now > ts then tokens = math.min(limit, tokens + (now - ts) * rate); ts = now end
+if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate); ts = now end
 local ready = start
-if math.min(limit, tokens + math.max(0, start - ts) * rate) < 1 then
+if math.min(burst, tokens + math.max(0, start - ts) * rate) < 1 then
   ready = math.max(start, ts + (1 - tokens) / rate)
 end
 local wait = math.ceil(ready - now)
 local granted = 0
 if wait <= max_wait then tokens = tokens - 1; granted = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tokens, 'tokens_at', ts / 1000, 'limit', limit, 'period', period / 1000)
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'tokens_at', ts / 1000, 'limit', limit, 'period', period / 1000,
+           'burst', burst)
 return {granted, wait, blocked}
 """
 
@@ -112,6 +120,17 @@ class Limit:
     calls: int | None
     period: float
 
+    @property
+    def burst(self) -> int:
+        """Calls that may start at once: a tenth of the limit (at least one)."""
+        return max(1, (self.calls or 0) // 10)
+
+    @property
+    def refill(self) -> int:
+        """Tokens added per period, so that no window of `period` holds more than `calls`."""
+        calls = self.calls or 0
+        return calls - self.burst if calls > self.burst else calls
+
 
 def limit_for(name: str, config: ProviderConfig) -> Limit:
     """The provider's limit: its env/config where set, else `DEFAULT_LIMITS`, field by field."""
@@ -143,10 +162,10 @@ class RateLimiter:
                           now_ms: int | None = None) -> Grant:
         """One round trip: reserve a token if the call can start within `max_wait`."""
         limit = self.limits.get(provider, Limit(None, 1.0))
-        wait_ms = self.max_wait if max_wait is None else max_wait
+        max_wait_s = self.max_wait if max_wait is None else max_wait
         granted, wait, blocked = await self._acquire(
             keys=[keys.rate_bucket(provider)],
-            args=[limit.calls or 0, int(limit.period * 1000), int(wait_ms * 1000),
+            args=[limit.calls or 0, int(limit.period * 1000), limit.burst, limit.refill, int(max_wait_s * 1000),
                   "" if now_ms is None else now_ms],
         )
         return Grant(bool(int(granted)), int(wait) / 1000, int(blocked))
