@@ -187,3 +187,21 @@ async def test_without_parking_a_retry_falls_back_to_a_short_countdown(ctx: JobC
     sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 30
     decision = await run_job(await start(ctx), IN, 1, ctx)
     assert decision.retry_in == 0.25 and decision.attempt == 2
+
+
+async def test_a_replayed_job_meeting_an_open_circuit_parks_with_its_attempt_one(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
+) -> None:
+    sim(sandbox).faults.fail_next, sim(sandbox).faults.error_status = 1, 422
+    c = await start(ctx)
+    job_id = keys.job_id(IN, c.event_id)
+    assert (await run_job(c, IN, 1, ctx)).state == "dead"
+    await ctx.ledger.requeued(job_id, note="replayed")  # what the monitor's replay records
+    assert ctx.circuit is not None
+    for i in range(2):
+        await ctx.circuit.record(IN, f"j{i}", "failure")
+    decision = await run_job(c, IN, 1, ctx)  # the replayed message: attempt 1
+    assert decision.state == "retrying" and decision.attempt == 1
+    job = await ctx.ledger.get(job_id)
+    assert job is not None and job.state == "retrying" and job.fields["attempts"] == "1"
+    assert (await parked_attempt(redis, job_id))[0] == 1

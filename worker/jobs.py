@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from worker import keys
 from worker.backoff import RETRY_AFTER_MAX, retry_delay
-from worker.circuit import CircuitBreaker, CircuitState, Outcome
+from worker.circuit import CircuitBreaker, CircuitState, Outcome, Verdict
 from worker.errors import (
     Busy,
     ClientSyncError,
@@ -174,17 +174,16 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     bound = {"event_id": change.event_id, "provider": provider, "attempt": attempt,
              "client": change.client.id, "email": mask_email(change.client.email)}
     token = f"{ctx.owner}:{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
-    if ctx.circuit is not None:
-        verdict = await ctx.circuit.allow(provider, token)
-        if not verdict.go:
-            if verdict.state == "open":
-                delay = verdict.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
-                why = f"circuit open at {provider} after repeated failures; next probe in {verdict.wait:.1f}s"
-            else:
-                delay = ctx.circuit_recheck * ctx.rng.uniform(0.5, 1.5)
-                why = f"circuit half-open at {provider}: another job is probing it"
-            return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
-                               message=why)
+    verdict = await _allow(ctx, provider, token)
+    if verdict is not None and not verdict.go:
+        if verdict.state == "open":
+            delay = verdict.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
+            why = f"circuit open at {provider} after repeated failures; next probe in {verdict.wait:.1f}s"
+        else:
+            delay = ctx.circuit_recheck * ctx.rng.uniform(0.5, 1.5)
+            why = f"circuit half-open at {provider}: another job is probing it"
+        return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
+                           message=why)
     started = time.time()
     await ctx.ledger.running(job_id)
     calls = [0]
@@ -234,6 +233,16 @@ def _circuit_outcome(exc: ClientSyncError, calls: int) -> Outcome:
     if isinstance(exc, ProviderError) and exc.status is not None:
         return "success"  # it answered (a 4xx): the provider is up
     return "neutral"
+
+
+async def _allow(ctx: JobContext, provider: str, token: str) -> Verdict | None:
+    if ctx.circuit is None:
+        return None
+    try:
+        return await ctx.circuit.allow(provider, token)
+    except Exception:  # fail open: a breaker we cannot read must not strand the job
+        log.warning("circuit check failed for %s; going ahead", provider, exc_info=True)
+        return None
 
 
 async def _record(ctx: JobContext, provider: str, token: str, outcome: Outcome) -> CircuitState | None:
