@@ -433,13 +433,16 @@ async def test_readyz_needs_redis_and_a_heartbeating_worker(api: TestClient[Any,
     assert (await api.get("/healthz")).status == 200
 
 
-async def test_readyz_is_503_when_redis_is_unreachable(aiohttp_client: MakeClient) -> None:
+async def test_readyz_monitor_and_metrics_are_503_when_redis_is_unreachable(aiohttp_client: MakeClient) -> None:
     from worker.redis_server import free_port
 
     client = await aiohttp_client(create_app(settings(), f"redis://127.0.0.1:{free_port()}/0"))
     resp = await client.get("/readyz")
     body = await resp.json()
     assert resp.status == 503 and "unreachable" in body["redis"]
+    for path in ("/monitor/summary", "/monitor/jobs", "/metrics"):
+        resp = await client.get(path, headers=AUTH)
+        assert resp.status == 503 and "Redis" in (await resp.json())["error"], path
 
 
 async def test_the_openapi_file_is_served_and_is_a_valid_openapi_3_document(api: TestClient[Any, Any]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 from aiohttp import web
 
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
@@ -97,7 +98,23 @@ def authenticate(request: web.Request) -> str:
     raise AuthFailure(401, "missing credentials: send Authorization: Bearer <CLIENTSYNC_MONITOR_TOKEN>")
 
 
+def redis_down(handler: Handler) -> Handler:
+    """Redis unreachable: a 503 the caller can retry, not a 500."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("monitor: redis unavailable on %s: %s", request.path, type(exc).__name__)
+            return json_error(503, "the ledger (Redis) is unreachable; retry later", headers={"Retry-After": "5"})
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
 def protected(handler: Handler) -> Handler:
+    @redis_down
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             authenticate(request)
@@ -247,7 +264,8 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
 
 
-async def metrics(request: web.Request) -> web.Response:
+@redis_down
+async def metrics(request: web.Request) -> web.StreamResponse:
     """`GET /metrics`: Prometheus text format; no token, no emails, no secrets."""
     snapshot = await _monitor(request).snapshot()
     body = render(snapshot, request.app[appmod.METRICS])
