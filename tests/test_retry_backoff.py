@@ -84,6 +84,16 @@ def test_rate_limits_default_to_each_providers_published_limit(monkeypatch: pyte
         monkeypatch.delenv(f"CLIENTSYNC_INVOICE_NINJA_{var}", raising=False)
     assert limit_for("qonto", QontoConfig()) == Limit(1000, 10.0)
     assert limit_for("invoice_ninja", InvoiceNinjaConfig()) == Limit(500, 60.0)
+    assert limit_for("invoice_ninja", InvoiceNinjaConfig(url="https://invoicing.co")) == Limit(500, 60.0)
+
+
+def test_a_self_hosted_invoice_ninja_has_no_default_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RATE_LIMIT", "RATE_PERIOD"):
+        monkeypatch.delenv(f"CLIENTSYNC_INVOICE_NINJA_{var}", raising=False)
+    assert limit_for("invoice_ninja", InvoiceNinjaConfig(url="https://billing.example.org")).calls is None
+    assert limit_for("invoice_ninja", InvoiceNinjaConfig(url="http://127.0.0.1:8090/invoice_ninja")).calls is None
+    limited = InvoiceNinjaConfig(url="https://billing.example.org", rate_limit=100)
+    assert limit_for("invoice_ninja", limited).calls == 100
 
 
 def test_rate_limits_are_configurable_per_provider(monkeypatch: pytest.MonkeyPatch) -> None:

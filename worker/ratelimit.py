@@ -33,6 +33,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
@@ -42,11 +43,14 @@ from worker.providers.base import ProviderConfig
 
 log = logging.getLogger("clientsync.ratelimit")
 
-#: published limits for providers whose adapter config does not declare one
-#: (name -> (calls, per seconds)); `CLIENTSYNC_<PROVIDER>_RATE_LIMIT` / `_RATE_PERIOD` override.
-#: Invoice Ninja hosted: 500 requests per minute (https://invoiceninja.github.io/en/api-reference/).
-DEFAULT_LIMITS: dict[str, tuple[int, float]] = {
-    "invoice_ninja": (500, 60.0),
+#: published limits of hosted services whose adapter config does not declare one:
+#: name -> (hosted domain, calls, per seconds). They apply when the URL is unset or on that
+#: domain; a self-hosted instance has no published limit. `CLIENTSYNC_<PROVIDER>_RATE_LIMIT`
+#: / `_RATE_PERIOD` override either way.
+#: Invoice Ninja hosted: 500 requests per minute per IP; self-hosted: unlimited
+#: (app/Providers/RouteServiceProvider.php, see shared/PROVIDERS.md).
+DEFAULT_LIMITS: dict[str, tuple[str, int, float]] = {
+    "invoice_ninja": ("invoicing.co", 500, 60.0),
 }
 
 _NOW = """
@@ -134,9 +138,12 @@ class Limit:
 
 def limit_for(name: str, config: ProviderConfig) -> Limit:
     """The provider's limit: its env/config where set, else `DEFAULT_LIMITS`, field by field."""
-    table = DEFAULT_LIMITS.get(name)
-    calls = config.rate_limit if config.rate_limit is not None else (table[0] if table else None)
-    period = table[1] if table and "rate_period" not in config.model_fields_set else config.rate_period
+    hosted = DEFAULT_LIMITS.get(name)
+    host = urlsplit(config.url).hostname or "" if config.url else None
+    if hosted and host is not None and host != hosted[0] and not host.endswith("." + hosted[0]):
+        hosted = None  # self-hosted: no published limit
+    calls = config.rate_limit if config.rate_limit is not None else (hosted[1] if hosted else None)
+    period = hosted[2] if hosted and "rate_period" not in config.model_fields_set else config.rate_period
     return Limit(calls, period)
 
 
