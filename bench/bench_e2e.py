@@ -42,7 +42,9 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, float]:
     events = [{
         "event_id": f"b{run}-{i}", "occurred_at": datetime.now(UTC).isoformat(), "action": "upsert",
         "client": {"id": f"b{run}-c{i % args.clients}", "name": f"Bench {i % args.clients}",
-                   "email": f"bench{i % args.clients}@example.com"},
+                   "email": f"bench{i % args.clients}@example.com",
+                   # Grow CRM needs a person's names for the account owner.
+                   "contacts": [{"first_name": "Bench", "last_name": f"Owner {i % args.clients}"}]},
         "version": i,
     } for i in range(args.n)]
     async with aiohttp.ClientSession() as http:

@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from tasks.app import app
 from tasks.runtime import get_runtime
-from worker.jobs import fan_out, run_job
+from worker.jobs import Decision, fan_out, run_first_attempts, run_job
 from worker.models import ClientChange
 from worker.parking import APPLY_TASK
 
@@ -24,31 +25,45 @@ def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
     """Entry point for every producer: one argument, a `ClientChange` JSON object.
 
     Takes `*args` so a wrong arity is dead-lettered with a reason instead of a TypeError.
+    Each provider's first attempt runs here, concurrently; retries are their own messages.
     """
     rt = get_runtime()
     task_id = self.request.id or "unknown"
     raw: Any = args[0] if len(args) == 1 else {"__args__": list(args), "__kwargs__": kwargs}
     received_at = kwargs.get("received_at") if isinstance(kwargs.get("received_at"), int | float) else None
-    jobs = rt.run(fan_out(raw, rt.context, task_id=task_id, received_at=received_at))
-    for _job_id, provider in jobs:
-        apply_change_task.apply_async(args=(raw, provider), kwargs={"attempt": 1})
-    return len(jobs)
+    change, providers = rt.run(fan_out(raw, rt.context, task_id=task_id, received_at=received_at))
+    if change is None:
+        return 0
+    decisions = rt.run(run_first_attempts(change, providers, rt.context))
+    for provider, decision in decisions.items():
+        _fallback_retry(change.model_dump(mode="json"), provider, decision)
+    return len(providers)
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)
 def apply_change_task(self: Task[Any, Any], change: dict[str, Any], provider: str, attempt: int = 1) -> str:
-    """One run of one (event, provider) job; its retries are parked in Redis by `run_job`."""
+    """One run of one (event, provider) job: a parked retry or an operator's replay."""
     rt = get_runtime()
     try:
         parsed = ClientChange.model_validate(change)
     except ValidationError:
-        # Only reachable from a hand-made message: sync_client validated it already.
-        log.error("apply_change got an invalid change; dropping to the ledger via sync_client")
+        # Only reachable from a hand-made message: the ledger gets it as a dead letter.
         rt.run(fan_out(change, rt.context, task_id=self.request.id or "unknown", received_at=None))
         return "dead"
     decision = rt.run(run_job(parsed, provider, attempt, rt.context))
-    if decision.retry_in is not None:
-        # Only when parking in Redis failed: a short countdown beats losing the job.
-        raise self.retry(args=(change, provider), kwargs={"attempt": decision.attempt or attempt + 1},
-                         countdown=decision.retry_in)
+    _fallback_retry(change, provider, decision)
     return decision.state
+
+
+def _fallback_retry(change: dict[str, Any], provider: str, decision: Decision) -> None:
+    """Only when parking in Redis failed: a short Celery countdown beats losing the job."""
+    if decision.retry_in is None:
+        return
+    try:
+        apply_change_task.apply_async(args=(change, provider), kwargs={"attempt": decision.attempt or 1},
+                                      countdown=decision.retry_in)
+    except Exception as exc:
+        # Redis is away: requeue this message (or, if even that fails, it stays unacked and
+        # the broker redelivers it after the visibility timeout). Finished jobs skip on rerun.
+        log.error("could not schedule the retry of %s at %s: %s", change.get("event_id"), provider, exc)
+        raise Reject(str(exc), requeue=True) from exc

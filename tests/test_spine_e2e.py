@@ -154,14 +154,18 @@ async def test_same_event_id_with_a_different_payload_is_a_conflict_not_applied(
     producer.send_task("clientsync.sync_client", args=[first])
     await wait_jobs(stack.redis_url, [keys.job_id(IN, event_id)])
     producer.send_task("clientsync.sync_client", args=[second])
+    conflict = keys.job_id(IN, event_id)
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     for _ in range(100):
-        attempts = client.lrange(keys.job_attempts(keys.job_id(IN, event_id)), 0, -1)
-        if len(attempts) >= 2:
+        found = [j for j in client.zrange(keys.jobs_in_state("dead"), 0, -1) if j.startswith(f"conflict:{conflict}:")]
+        if found:
             break
         await asyncio.sleep(0.1)
-    last = json.loads(attempts[-1])
-    assert last["error_class"] == "idempotency_conflict"
+    [dead_letter] = found
+    assert client.hget(keys.job(dead_letter), "last_error_class") == "idempotency_conflict"
+    assert json.loads(client.hget(keys.job(dead_letter), "raw"))["client"]["name"] == second["client"]["name"]
+    # The change that was applied keeps its record.
+    assert client.hget(keys.job(conflict), "state") == "succeeded"
     clients = await sandbox_clients(http, sandbox(stack))
     assert named(clients, second["client"]["name"]) == []
     assert len(named(clients, first["client"]["name"])) == 1
