@@ -26,8 +26,9 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
         broker_transport_options={
-            # Unacked messages come back after this long. Every retry countdown stays below
-            # it (see RetryPolicy ceiling): a longer ETA would be redelivered early and run twice.
+            # Unacked messages come back after this long. Retries never wait as unacked ETA
+            # messages (they would be redelivered early and run twice): they are parked in
+            # Redis (worker.parking) and pushed back onto the queue when due.
             "visibility_timeout": settings.visibility_timeout,
             # kombu sweeps for expired unacked messages every interval x throttle seconds
             # (100 s by default); a throttle of 1 makes the interval the whole story.
