@@ -25,14 +25,14 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import signed_headers  # noqa: E402
-from worker import keys  # noqa: E402
-from worker.launcher import Stack  # noqa: E402
+from tests.helpers import signed_headers
+from worker import keys
+from worker.launcher import Stack
 
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, float]:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.circuit import CircuitBreaker
+from worker.inflight import Inflight
 from worker.jobs import JobContext, RetryPolicy, before_call_hook
 from worker.ledger import Ledger
 from worker.parking import Parking
@@ -55,7 +56,13 @@ class Runtime:
     async def _open(self) -> JobContext:
         s = self.settings
         assert s.redis_url is not None
-        self.redis = aioredis.from_url(s.redis_url, max_connections=max(16, s.worker_concurrency * 2))
+        # A blocking pool: under load a command waits for a free connection instead of failing
+        # with MaxConnectionsError. Each job holds at most one connection at a time, and every
+        # provider's first attempt runs at once: size for concurrency x providers.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url, max_connections=max(32, s.worker_concurrency * 6), timeout=30
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
         # One session for every adapter: the connector pools connections per host.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, limit_per_host=max(20, s.worker_concurrency * 2)),
@@ -77,6 +84,8 @@ class Runtime:
             adapter.before_call = before_call_hook(limiter)
         parking = Parking(self.redis, queue=s.queue)
         self._mover_task = asyncio.get_running_loop().create_task(parking.run_mover(s.park_poll_seconds))
+        inflight = Inflight(self.redis, queue=s.queue, grace_seconds=s.inflight_grace_seconds)
+        self._sweep_task = asyncio.get_running_loop().create_task(inflight.run_sweeper(s.inflight_sweep_seconds))
         owner = f"{socket.gethostname()}:{self.pid}"
         self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
         ledger = Ledger(self.redis, max_jobs=s.ledger_max_jobs, max_age_seconds=s.ledger_max_age_seconds,
@@ -93,6 +102,7 @@ class Runtime:
             lock_wait=s.lock_wait_seconds,
             rng=random.Random(),
             parking=parking,
+            inflight=inflight,
             limiter=limiter,
             circuit=CircuitBreaker(
                 self.redis, threshold=s.circuit_failure_threshold, cooldown=s.circuit_cooldown_seconds,
@@ -116,6 +126,7 @@ class Runtime:
         self._beat_task.cancel()
         self._trim_task.cancel()
         self._mover_task.cancel()
+        self._sweep_task.cancel()
         await self.session.close()
         await self.redis.aclose()
 

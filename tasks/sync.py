@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
@@ -19,6 +22,9 @@ log = logging.getLogger("clientsync.tasks")
 
 __all__ = ["APPLY_TASK", "apply_change_task", "sync_client"]
 
+#: pause before requeueing after Redis trouble, so a struggling Redis is not hammered
+REQUEUE_PAUSE_SECONDS = 1.0
+
 
 @app.task(name="clientsync.sync_client", bind=True, max_retries=None)
 def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
@@ -31,10 +37,11 @@ def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
     task_id = self.request.id or "unknown"
     raw: Any = args[0] if len(args) == 1 else {"__args__": list(args), "__kwargs__": kwargs}
     received_at = kwargs.get("received_at") if isinstance(kwargs.get("received_at"), int | float) else None
-    change, providers = rt.run(fan_out(raw, rt.context, task_id=task_id, received_at=received_at))
-    if change is None:
-        return 0
-    decisions = rt.run(run_first_attempts(change, providers, rt.context))
+    with _requeue_on_infrastructure_error("sync_client"):
+        change, providers = rt.run(fan_out(raw, rt.context, task_id=task_id, received_at=received_at))
+        if change is None:
+            return 0
+        decisions = rt.run(run_first_attempts(change, providers, rt.context))
     for provider, decision in decisions.items():
         _fallback_retry(change.model_dump(mode="json"), provider, decision)
     return len(providers)
@@ -50,9 +57,27 @@ def apply_change_task(self: Task[Any, Any], change: dict[str, Any], provider: st
         # Only reachable from a hand-made message: the ledger gets it as a dead letter.
         rt.run(fan_out(change, rt.context, task_id=self.request.id or "unknown", received_at=None))
         return "dead"
-    decision = rt.run(run_job(parsed, provider, attempt, rt.context))
+    with _requeue_on_infrastructure_error("apply_change"):
+        decision = rt.run(run_job(parsed, provider, attempt, rt.context, task_id=self.request.id))
     _fallback_retry(change, provider, decision)
     return decision.state
+
+
+@contextmanager
+def _requeue_on_infrastructure_error(what: str) -> Iterator[None]:
+    """An error escaping the job logic (Redis unreachable or saturated) must not ack the message.
+
+    `run_job` turns every provider and code failure into a decision; what still escapes is
+    trouble with Redis itself. Requeue the message after a pause (jobs that already finished
+    skip on the rerun); if Redis cannot even take the requeue, the message stays unacked and
+    the broker redelivers it after the visibility timeout.
+    """
+    try:
+        yield
+    except Exception as exc:
+        log.error("%s could not finish (%r); requeueing the message", what, exc)
+        time.sleep(REQUEUE_PAUSE_SECONDS)
+        raise Reject(repr(exc), requeue=True) from exc
 
 
 def _fallback_retry(change: dict[str, Any], provider: str, decision: Decision) -> None:

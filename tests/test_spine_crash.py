@@ -22,6 +22,7 @@ async def test_sigkill_mid_batch_loses_none_and_duplicates_none(redis_server_url
         redis_server_url, providers=[IN], workers=1, concurrency=8,
         # Short leases and redelivery so the test does not wait an hour for the broker.
         CLIENTSYNC_VISIBILITY_TIMEOUT="4", CLIENTSYNC_UNACKED_RESTORE_INTERVAL="1", CLIENTSYNC_LEASE_SECONDS="3",
+        CLIENTSYNC_INFLIGHT_GRACE_SECONDS="3", CLIENTSYNC_INFLIGHT_SWEEP_SECONDS="1",
         CLIENTSYNC_RETRY_BASE_SECONDS="0.2", CLIENTSYNC_RETRY_CAP_SECONDS="1",
     ) as stack:
         base = f"http://127.0.0.1:{stack.sandbox_port}/{IN}"

@@ -44,6 +44,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
+from worker.inflight import Inflight
 from worker.ledger import FINAL as FINAL_STATES
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email
@@ -105,6 +106,7 @@ class JobContext:
     lock_wait: float
     rng: random.Random
     parking: Parking | None = None  # None: retries fall back to Celery countdowns
+    inflight: Inflight | None = None  # None: pushed messages are not tracked
     limiter: RateLimiter | None = None
     circuit: CircuitBreaker | None = None
     retry_after_max: float = RETRY_AFTER_MAX
@@ -144,6 +146,8 @@ async def fan_out(
 
     An invalid argument becomes a dead letter with the validation errors, never an exception.
     """
+    if ctx.inflight is not None:
+        await ctx.inflight.started(task_id)
     try:
         change = ClientChange.model_validate(raw)
     except ValidationError as exc:
@@ -172,12 +176,23 @@ async def run_first_attempts(change: ClientChange, providers: list[str], ctx: Jo
     delivery, an ack and their task events per provider; each job's retries still go their
     own way (parked in Redis as `clientsync.apply_change` messages).
     """
-    decisions = await asyncio.gather(*(run_job(change, p, 1, ctx) for p in providers))
-    return dict(zip(providers, decisions, strict=True))
+    results = await asyncio.gather(*(run_job(change, p, 1, ctx) for p in providers), return_exceptions=True)
+    # Let every provider's job finish before surfacing a failure: the task requeues the
+    # whole change, and the jobs that did finish skip on the rerun.
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return dict(zip(providers, results, strict=True))  # type: ignore[arg-type]
 
 
-async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobContext) -> Decision:
-    """One run of one (event, provider) job; records the ledger and returns the decision."""
+async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobContext, *,
+                  task_id: str | None = None) -> Decision:
+    """One run of one (event, provider) job; records the ledger and returns the decision.
+
+    `task_id` is the Celery message's id when it came through the queue (marks it started).
+    """
+    if task_id is not None and ctx.inflight is not None:
+        await ctx.inflight.started(task_id)
     job_id = keys.job_id(provider, change.event_id)
     adapter = ctx.adapters.get(provider)
     if adapter is None:

@@ -111,3 +111,10 @@ STATS_PROVIDERS = f"{PREFIX}stats:providers"
 
 #: hash job id -> its one parked message in `DELAYED` (so a re-park replaces, never doubles)
 DELAYED_JOBS = f"{PREFIX}delayed:jobs"
+
+#: messages clientsync pushed that no worker has started yet (worker.inflight):
+#: sorted set of Celery task ids scored by push (or last check) time in ms, and their messages
+INFLIGHT = f"{PREFIX}inflight"
+INFLIGHT_MESSAGES = f"{PREFIX}inflight:msg"
+#: kombu's Redis transport keeps delivered, unacked messages here (kombu's default key name)
+KOMBU_UNACKED = "unacked"

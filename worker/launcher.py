@@ -12,12 +12,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.redis_server import EmbeddedRedis, free_port
+from worker.redis_server import EmbeddedRedis, die_with_parent, free_port
 from worker.sandbox import SIMULATORS
 from worker.sandbox.server import make_simulators
 
@@ -42,6 +43,10 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout:g}s")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -85,7 +90,7 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(  # noqa: S603
             args, env=self.env, stdout=out, stderr=subprocess.STDOUT,  # type: ignore[arg-type]
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         self.procs[name] = proc
         return proc
@@ -141,6 +146,10 @@ class Stack:
             self.redis = None
 
     def __enter__(self) -> Stack:
+        # A SIGTERM (e.g. from `timeout`) must still run `stop`: turn it into SystemExit.
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker import keys
+from worker.inflight import TRACK_LUA
 from worker.models import ClientChange
 
 log = logging.getLogger("clientsync.ledger")
@@ -174,7 +175,7 @@ return old
 # KEYS: the Celery queue (for replay; unused by discard)
 # ARGV: action ('replay'|'discard'), now_ms, allowed states (comma-separated), note, then
 #       pairs of (job_id, Celery message or '') -> one result per job: 'ok' or the state that refused
-_OPERATE = _LIB + """
+_OPERATE = _LIB + TRACK_LUA + """
 local action, now, note = ARGV[1], tonumber(ARGV[2]), ARGV[4]
 local allowed = {}
 for s in string.gmatch(ARGV[3], '[^,]+') do allowed[s] = true end
@@ -191,6 +192,7 @@ for i = 5, #ARGV, 2 do
   if moved then
     if action == 'replay' then
       redis.call('LPUSH', KEYS[1], message)
+      track(message, now)
       redis.call('HINCRBY', JOB .. id, 'replays', 1)
     end
     table.insert(out, 'ok')

@@ -31,6 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.inflight import TRACK_LUA
 from worker.producer import task_message
 
 log = logging.getLogger("clientsync.parking")
@@ -57,10 +58,11 @@ return due
 """
 
 # KEYS: delayed zset, job index hash, queue list; ARGV: batch, now_ms ('' = Redis time) -> moved
-_MOVE = _NOW + """
+_MOVE = _NOW + TRACK_LUA + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[1]))
 for _, m in ipairs(due) do
   redis.call('LPUSH', KEYS[3], m)
+  track(m, redis_now_ms())
   redis.call('ZREM', KEYS[1], m)
   local ok, msg = pcall(cjson.decode, m)
   if ok and type(msg) == 'table' and type(msg.headers) == 'table' then

@@ -136,7 +136,11 @@ async def _apply(
         if found is not None:
             remote = await adapter.update(found.id, client)
             return Outcome("adopted", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
-    await store.mark_intent(adapter.name, client.id, owner=owner, intent=f"{change.event_id}@{time.time():.3f}")
+    intent = f"{change.event_id}@{time.time():.3f}"
+    if not await store.mark_intent(adapter.name, client.id, owner=owner, intent=intent):
+        # Our lease on the client ran out (a slow Redis or a long pause): another worker may
+        # hold it now. Creating without a recorded intent could create twice; try again later.
+        raise Busy(f"lost the lock on client {client.id} at {adapter.name} before creating it")
     remote = await adapter.create(client)
     return Outcome("created", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
 

@@ -300,3 +300,16 @@ async def test_every_request_body_validates_against_client_request(
     assert [e.message for e in OAS30Validator(bulk).iter_errors(bulk_calls(sim)[0])] == []
     put = bodies[1]
     assert any("id" in c for c in put["contacts"]), "the update must reuse existing contact ids"
+
+
+async def test_the_client_email_rides_on_a_primary_contact_that_has_none_so_find_works(
+    start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = await start(["invoice_ninja"])
+    adapter = make_adapter("invoice_ninja", sb, session, monkeypatch)
+    client = Client(id="c-mail", name="Mail Carrier SA", email="billing@carrier.example",
+                    contacts=(Contact(first_name="Ana", last_name="Lima"),))
+    created = await adapter.create(client)
+    found = await adapter.find(client)
+    assert found is not None and found.id == created.id
+    assert created.data["contacts"][0]["email"] == "billing@carrier.example"

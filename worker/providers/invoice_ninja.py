@@ -121,7 +121,12 @@ def _wanted_contacts(client: Client) -> list[Contact]:
     """Primary first (IN makes the first contact primary); else one built from the client."""
     primary = client.primary_contact
     if primary is not None:
-        return [primary, *(c for c in client.contacts if c is not primary)]
+        others = [c for c in client.contacts if c is not primary]
+        if client.email and not primary.email and all(c.email != client.email for c in others):
+            # IN has no client-level email: the primary contact carries it, or the client could
+            # never be found again by email (lookup-before-create would then create twice).
+            primary = primary.model_copy(update={"email": client.email})
+        return [primary, *others]
     if client.first_name or client.last_name or client.email:
         return [Contact(first_name=client.first_name, last_name=client.last_name, email=client.email)]
     return []
