@@ -34,17 +34,13 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.errors import TransientError
+from worker.lua import NOW_LUA
 
 log = logging.getLogger("clientsync.circuit")
 
 Outcome = Literal["success", "failure", "neutral"]
 
-_NOW = """
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_NOW = NOW_LUA + """
 local function ms(v) return math.floor((tonumber(v) or 0) * 1000 + 0.5) end
 """
 

@@ -22,6 +22,7 @@ import random
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.lua import NOW_LUA
 
 log = logging.getLogger("clientsync.inflight")
 
@@ -35,16 +36,12 @@ local function track(m, now)
     redis.call('HSET', '{keys.INFLIGHT_MESSAGES}', msg.headers.id, m)
   end
 end
-local function redis_now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 """
 
 # KEYS: inflight zset, inflight messages, queue list, kombu's unacked hash
 # ARGV: grace_ms, batch
-_SWEEP = TRACK_LUA + """
-local now = redis_now_ms()
+_SWEEP = NOW_LUA + TRACK_LUA + """
+local now = now_ms('')
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 local pushed = 0
 for _, id in ipairs(stale) do

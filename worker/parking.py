@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.inflight import TRACK_LUA
+from worker.lua import NOW_LUA
 from worker.producer import task_message
 
 log = logging.getLogger("clientsync.parking")
@@ -39,16 +40,9 @@ log = logging.getLogger("clientsync.parking")
 #: the Celery task that applies one change to one provider (args: change, provider; kwargs: attempt)
 APPLY_TASK = "clientsync.apply_change"
 
-_NOW = """
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
 
 # KEYS: delayed zset, job index hash; ARGV: job_id, message, delay_ms, now_ms ('' = Redis time) -> due_ms
-_PARK = _NOW + """
+_PARK = NOW_LUA + """
 local due = now_ms(ARGV[4]) + tonumber(ARGV[3])
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 if old then redis.call('ZREM', KEYS[1], old) end
@@ -58,11 +52,11 @@ return due
 """
 
 # KEYS: delayed zset, job index hash, queue list; ARGV: batch, now_ms ('' = Redis time) -> moved
-_MOVE = _NOW + TRACK_LUA + """
+_MOVE = NOW_LUA + TRACK_LUA + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[1]))
 for _, m in ipairs(due) do
   redis.call('LPUSH', KEYS[3], m)
-  track(m, redis_now_ms())
+  track(m, now_ms(''))
   redis.call('ZREM', KEYS[1], m)
   local ok, msg = pcall(cjson.decode, m)
   if ok and type(msg) == 'table' and type(msg.headers) == 'table' then

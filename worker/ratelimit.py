@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.errors import RateLimitedError
+from worker.lua import NOW_LUA
 from worker.providers.base import ProviderConfig
 
 log = logging.getLogger("clientsync.ratelimit")
@@ -53,17 +54,10 @@ DEFAULT_LIMITS: dict[str, tuple[str, int, float]] = {
     "invoice_ninja": ("invoicing.co", 500, 60.0),
 }
 
-_NOW = """
-local function now_ms(arg)
-  if arg ~= nil and arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
 
 # KEYS[1] bucket; ARGV: limit, period_ms, burst, refill per period, max_wait_ms, now_ms ('' = Redis time)
 # -> {granted (1|0), wait_ms, blocked_until_ms}
-_ACQUIRE = _NOW + """
+_ACQUIRE = NOW_LUA + """
 local limit, period, burst, refill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5])
 local now = now_ms(ARGV[6])
@@ -91,7 +85,7 @@ return {granted, wait, blocked}
 """
 
 # KEYS[1] bucket; ARGV: block_ms, now_ms ('' = Redis time) -> blocked_until_ms
-_BLOCK = _NOW + """
+_BLOCK = NOW_LUA + """
 local now = now_ms(ARGV[2])
 local untl = now + tonumber(ARGV[1])
 local cur = math.floor((tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0) * 1000 + 0.5)
@@ -104,7 +98,7 @@ return cur
 """
 
 # KEYS[1] bucket; ARGV: now_ms ('' = Redis time) -> ms left of a block (0 = none)
-_BLOCKED_FOR = _NOW + """
+_BLOCKED_FOR = NOW_LUA + """
 local now = now_ms(ARGV[1])
 local b = math.floor((tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0) * 1000 + 0.5)
 return math.max(0, b - now)
