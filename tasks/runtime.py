@@ -149,7 +149,9 @@ def get_runtime() -> Runtime:
         if _runtime is None or _runtime.pid != os.getpid():
             _runtime = Runtime(Settings())
             names = ", ".join(sorted(_runtime.context.adapters)) or "none"
-            log.info("worker runtime ready (pid %s): providers %s", os.getpid(), names)
+            log.info("worker runtime ready (pid %s): providers enabled: %s", os.getpid(), names)
+            for name, why in sorted(_runtime.context.disabled.items()):
+                log.warning("provider %s is disabled: %s", name, why)
         return _runtime
 
 

@@ -201,9 +201,6 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return Decision(state="dead")
     bound = {"event_id": change.event_id, "provider": provider, "attempt": attempt,
              "client": change.client.id, "email": mask_email(change.client.email)}
-    previous = await ctx.ledger.running(job_id)
-    if previous in FINAL_STATES:
-        return await _already_finished(job_id, change, previous, attempt, ctx, bound)
     token = f"{ctx.owner}:{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
     verdict = await _allow(ctx, provider, token)
     if verdict is not None and not verdict.go:
@@ -215,6 +212,11 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             why = f"circuit half-open at {provider}: another job is probing it"
         return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
                            message=why)
+    # Only now is the job running: a job that waits on the circuit never shows as running.
+    previous = await ctx.ledger.running(job_id)
+    if previous in FINAL_STATES:
+        await _record(ctx, provider, token, "neutral")  # hands back a probe it may hold
+        return await _already_finished(job_id, change, previous, attempt, ctx, bound)
     started = time.time()
     calls = [0]
     counting = _calls.set(calls)
