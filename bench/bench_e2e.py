@@ -53,7 +53,9 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, float]:
                 r.raise_for_status()
         sem = asyncio.Semaphore(args.senders)
 
-        async def send(event: dict[str, object]) -> int:
+        async def send(i: int, event: dict[str, object]) -> int:
+            if args.rate:  # paced: the i-th webhook leaves at i / rate seconds
+                await asyncio.sleep(max(0.0, started + i / args.rate - time.time()))
             body = json.dumps(event).encode()
             async with sem, http.post(f"{stack.receiver_url}/webhooks/clients", data=body,
                                       headers=signed_headers(secret, body)) as resp:
@@ -61,7 +63,7 @@ async def drive(stack: Stack, args: argparse.Namespace) -> dict[str, float]:
                 return resp.status
 
         started = time.time()
-        statuses = await asyncio.gather(*(send(e) for e in events))
+        statuses = await asyncio.gather(*(send(i, e) for i, e in enumerate(events)))
         sent_in = time.time() - started
         assert set(statuses) == {202}, set(statuses)
         job_ids = [keys.job_id(p, str(e["event_id"])) for e in events for p in args.providers]
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--concurrency", type=int, default=32, help="threads per worker")
     parser.add_argument("--senders", type=int, default=50, help="concurrent webhook senders")
+    parser.add_argument("--rate", type=float, default=0, help="webhooks per second (0 = as fast as possible)")
     parser.add_argument("--providers", default="invoice_ninja", help="comma-separated")
     args = parser.parse_args()
     args.providers = args.providers.split(",")
@@ -115,7 +118,7 @@ def main() -> None:
         result = asyncio.run(drive(stack, args))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"settings: n={args.n} clients={args.clients} latency={args.latency_ms:g} ms workers={args.workers}x"
-          f"{args.concurrency} threads providers={','.join(args.providers)}")
+          f"{args.concurrency} threads rate={args.rate or 'max'}/s providers={','.join(args.providers)}")
     print("| jobs | webhooks/s accepted | jobs/s applied | p50 ms | p99 ms | max ms | dead |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {result['jobs']:.0f} | {result['webhooks_per_s']:.0f} | {result['jobs_per_s']:.0f} | "
