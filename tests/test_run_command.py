@@ -65,3 +65,46 @@ def test_run_starts_everything_prints_how_to_use_it_and_stops_on_ctrl_c(tmp_path
     for p in (port, sandbox_port, redis_port):
         assert not port_open(p), f"port {p} still open after Ctrl-C"
     assert (tmp_path / "redis").is_dir()  # the embedded Redis kept its data where asked
+
+
+def celery_workers(parent: int, wait: float = 20) -> list[str]:
+    """Pids of the Celery workers `parent` started (`clientsync worker` execs Celery, so it takes a moment)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = subprocess.run(["pgrep", "-f", "-P", str(parent), "tasks.app worker"], capture_output=True,
+                               text=True).stdout.split()
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_run_restarts_a_worker_that_dies(tmp_path: Path) -> None:
+    port, sandbox_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--port", str(port), "--sandbox-port", str(sandbox_port),
+         "--data-dir", str(tmp_path / "redis")],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Stop with Ctrl-C" in line:
+                break
+        workers = celery_workers(proc.pid)
+        assert len(workers) == 1
+        subprocess.run(["kill", "-9", workers[0]], check=True)
+        for line in proc.stdout:
+            if "restarting it" in line:
+                break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            again = celery_workers(proc.pid, wait=0)
+            if again and again != workers:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no new worker was started")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

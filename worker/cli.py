@@ -178,10 +178,20 @@ Stop with Ctrl-C.""", flush=True)
 
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGTERM, _stop)
+        restarts: list[float] = []
         while not stop["now"]:
-            for name, proc in stack.procs.items():
-                if proc.poll() is not None:
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is None:
+                    continue
+                # A Celery worker exits when the broker refuses its own writes (e.g. Redis out
+                # of memory); its unacked messages come back, so restart it as a supervisor
+                # would, unless it keeps dying.
+                restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
+                if name != "worker" or len(restarts) > 5:
                     raise CliError(f"{name} exited with status {proc.returncode}")
+                print(f"worker exited with status {proc.returncode}; restarting it", flush=True)
+                stack.procs.pop(name)
+                stack.start_worker()
             time.sleep(0.5)
         print("stopping…", flush=True)
     finally:
