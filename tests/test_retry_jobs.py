@@ -6,6 +6,7 @@ number, what the ledger shows, and what the shared circuit and bucket learn.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -205,3 +206,24 @@ async def test_a_replayed_job_meeting_an_open_circuit_parks_with_its_attempt_one
     job = await ctx.ledger.get(job_id)
     assert job is not None and job.state == "retrying" and job.fields["attempts"] == "1"
     assert (await parked_attempt(redis, job_id))[0] == 1
+
+
+async def test_two_copies_of_one_job_in_one_process_create_once(ctx: JobContext, sandbox: RunningSandbox) -> None:
+    # A duplicate delivery landing in the same worker process while the first copy is still
+    # calling the provider: the second must wait on the first's claim, never create too.
+    sim(sandbox).faults.latency_ms = 300
+    c = await start(ctx)
+    first, second = await asyncio.gather(run_job(c, IN, 1, ctx), run_job(c, IN, 1, ctx))
+    assert sorted([first.state, second.state]) in (["retrying", "succeeded"], ["succeeded", "succeeded"])
+    created = [r for r in sim(sandbox).clients.values() if r["name"] == c.client.name]
+    assert len(created) == 1
+
+
+async def test_waiting_on_a_busy_client_spends_no_attempt(ctx: JobContext, sandbox: RunningSandbox,
+                                                          redis: aioredis.Redis) -> None:
+    c = await start(ctx)
+    await redis.set(keys.client_lock(IN, c.client.id), "another-run", px=10_000)
+    decision = await run_job(c, IN, 3, ctx)  # the last attempt of max_attempts=3
+    assert decision.state == "retrying" and decision.attempt == 3
+    record = await redis.hgetall(keys.job(keys.job_id(IN, c.event_id)))
+    assert record["state"] == "retrying" and record["last_error_class"] == "busy"

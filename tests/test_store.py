@@ -64,7 +64,7 @@ async def test_an_aborted_claim_can_be_run_again_by_a_retry(store: SyncStore) ->
 
 async def test_the_intent_survives_an_abort_and_is_cleared_by_finish(store: SyncStore) -> None:
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
-    assert await store.mark_intent(P, C, owner="w1", intent="e1")
+    assert await store.mark_intent("k1", P, C, owner="w1", intent="e1", now_ms=1000)
     await store.abort("k1", P, C, owner="w1")
     retry = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=1001)
     assert retry.state is not None and retry.state.intent == "e1"
@@ -75,7 +75,7 @@ async def test_the_intent_survives_an_abort_and_is_cleared_by_finish(store: Sync
 
 async def test_only_the_lock_holder_can_record_an_intent(store: SyncStore) -> None:
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
-    assert not await store.mark_intent(P, C, owner="intruder", intent="e9")
+    assert not await store.mark_intent("k1", P, C, owner="intruder", intent="e9", now_ms=1000)
 
 
 async def test_marks_and_tombstones_are_recorded_and_compared(store: SyncStore) -> None:
@@ -102,3 +102,33 @@ def test_idempotency_keys_are_derived_not_random() -> None:
     assert a == keys.idempotency_key("evt-1", "qonto", "upsert")
     assert a != keys.idempotency_key("evt-1", "qonto", "delete")
     assert a != keys.idempotency_key("evt-1", "grow_crm", "upsert")
+
+
+async def test_a_stale_change_leaves_the_intent_of_an_unfinished_create(store: SyncStore) -> None:
+    # u2 sent its create, then crashed before recording the result: its intent must survive...
+    await store.begin("u2", P, C, fingerprint="fp2", owner="w1", now_ms=1000)
+    assert await store.mark_intent("u2", P, C, owner="w1", intent="u2", now_ms=1000)
+    await store.abort("u2", P, C, owner="w1")
+    # ...an older change skipped as stale in between...
+    await store.begin("u0", P, C, fingerprint="fp0", owner="w2", now_ms=1001)
+    assert await store.finish("u0", P, C, owner="w2", outcome={"result": "skipped", "reason": "stale"})
+    # ...so the retry of u2 still looks the client up before creating.
+    retry = await store.begin("u2", P, C, fingerprint="fp2", owner="w3", now_ms=1002)
+    assert retry.state is not None and retry.state.intent == "u2"
+
+
+async def test_finish_is_refused_once_the_client_lock_is_someone_elses(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    # w1's lease ran out mid-call and another change took the client.
+    await store.redis.set(keys.client_lock(P, C), "w2")
+    assert not await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}, link="X")
+    assert await store.link(P, C) is None
+    assert await store.redis.get(keys.client_lock(P, C)) == b"w2"
+
+
+async def test_recording_an_intent_renews_both_leases(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.redis.pexpire(keys.client_lock(P, C), 100)
+    assert await store.mark_intent("k1", P, C, owner="w1", intent="k1", now_ms=4000)
+    assert await store.redis.pttl(keys.client_lock(P, C)) > 4000
+    assert int(await store.redis.hget(keys.idempotency("k1"), "lease")) == 9000

@@ -47,7 +47,7 @@ from worker.errors import (
 from worker.inflight import Inflight
 from worker.ledger import FINAL as FINAL_STATES
 from worker.ledger import Attempt, Ledger
-from worker.models import ClientChange, mask_email
+from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
 from worker.providers.base import ProviderAdapter, ProviderConfig
 from worker.ratelimit import BucketEmpty, RateLimiter
@@ -221,7 +221,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     calls = [0]
     counting = _calls.set(calls)
     try:
-        outcome = await apply_change(change, adapter, ctx.store, owner=f"{ctx.owner}:{job_id}:{attempt}",
+        outcome = await apply_change(change, adapter, ctx.store, owner=token,
                                      lock_wait=ctx.lock_wait, rng=ctx.rng)
     except BucketEmpty as exc:
         await _record(ctx, provider, token, "neutral")
@@ -233,13 +233,21 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     except IdempotencyConflict:
         await _record(ctx, provider, token, "neutral")
         return await _conflict(job_id, change, attempt, ctx, bound)
+    except Busy as exc:
+        # Another run holds this job or this client: not a failure, so no attempt is spent
+        # (a burst of changes to one client must not push the last of them to dead).
+        await _record(ctx, provider, token, "neutral")
+        delay = min(exc.retry_after or 1.0, 5.0) + ctx.rng.uniform(0, 1.0)
+        return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason=exc.kind,
+                           message=mask_emails(str(exc)))
     except ClientSyncError as exc:
         circuit = await _record(ctx, provider, token, _circuit_outcome(exc, calls[0]))
         return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, circuit)
     except Exception as exc:
         # A bug or Redis trouble must not lose the job: retry it, and it ends dead with the
         # message rather than vanishing with an acked Celery message.
-        log.exception("internal error %s", bound)
+        log.error("internal error %s: %s", bound, mask_emails(repr(exc)))
+        log.debug("internal error traceback", exc_info=True)
         await _record(ctx, provider, token, "neutral")
         internal = InternalError(f"internal error: {exc!r}", provider=provider)
         return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
@@ -327,8 +335,7 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             retry_after = min(retry_after, ctx.retry_after_max)
-        # Busy is not the provider's fault: come back soon, whatever the attempt number.
-        delay = retry_delay(1 if isinstance(exc, Busy) else attempt, base=policy.base, cap=policy.cap,
+        delay = retry_delay(attempt, base=policy.base, cap=policy.cap,
                             retry_after=retry_after, rng=ctx.rng, retry_after_max=ctx.retry_after_max)
         if isinstance(exc, RateLimitedError) and status == 429 and retry_after and ctx.limiter is not None:
             # Tell every worker: no call to this provider before its Retry-After is over.
@@ -345,7 +352,7 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
         return await _park(job_id, change, provider, attempt + 1, delay, ctx)
     await ctx.ledger.dead(job_id, Attempt(attempt, started, "dead", exc.kind, status, message, fields,
                                           duration_ms=took))
-    log.error("dead %s", {**bound, "error": exc.kind, "status": status, "message": message})
+    log.error("dead %s", {**bound, "error": exc.kind, "status": status, "message": mask_emails(message)})
     return Decision(state="dead")
 
 

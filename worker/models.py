@@ -180,6 +180,14 @@ def change_json_schema() -> dict[str, Any]:
     return schema
 
 
+_ANY_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+\.[A-Za-z]{2,}")
+
+
+def mask_emails(text: str) -> str:
+    """Every email address in free text (a provider's error message, an exception) masked."""
+    return _ANY_EMAIL.sub(lambda m: mask_email(m.group(0)) or "", text)
+
+
 def mask_email(email: str | None) -> str | None:
     """`jane.doe@example.com` -> `j***@e***.com`, for logs and dashboards."""
     if not email or "@" not in email:

@@ -48,9 +48,15 @@ local s = redis.call('HMGET', state, 'link', 'mark_v', 'mark_t', 'deleted', 'int
 return {'go', tostring(takeover), s[1] or '', s[2] or '', s[3] or '', s[4] or '', s[5] or ''}
 """
 
+# KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms
+# Renews both leases: the create that follows gets a whole lease, however long `find` took.
 _MARK_INTENT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'intent', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+if redis.call('HGET', KEYS[3], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[3], 'lease', tonumber(ARGV[4]) + tonumber(ARGV[3]))
+end
 return 1
 """
 
@@ -58,7 +64,9 @@ return 1
 _FINISH = """
 local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
 local owner = ARGV[1]
-if redis.call('HGET', idem, 'owner') ~= owner then return 0 end
+-- Both the claim and the client lock must still be ours: after a lease ran out, another run
+-- may be working on this client, and our link or mark must not land over its work.
+if redis.call('HGET', idem, 'owner') ~= owner or redis.call('GET', lock) ~= owner then return 0 end
 redis.call('HSET', idem, 'status', 'done', 'outcome', ARGV[2])
 redis.call('HDEL', idem, 'owner', 'lease')
 redis.call('EXPIRE', idem, tonumber(ARGV[8]))
@@ -68,8 +76,10 @@ if ARGV[5] ~= '' or ARGV[6] ~= '' then
   redis.call('HSET', state, 'mark_v', ARGV[5], 'mark_t', ARGV[6])
 end
 if ARGV[7] ~= '' then redis.call('HSET', state, 'deleted', ARGV[7]) end
-redis.call('HDEL', state, 'intent')
-if redis.call('GET', lock) == owner then redis.call('DEL', lock) end
+-- The intent is answered only by a link set (created, adopted) or removed (deleted); a
+-- skipped change (stale, unsupported) must leave it for the retry of the create it guards.
+if ARGV[3] ~= 'keep' then redis.call('HDEL', state, 'intent') end
+redis.call('DEL', lock)
 return 1
 """
 
@@ -166,10 +176,16 @@ class SyncStore:
             ),
         )
 
-    async def mark_intent(self, provider: str, client_id: str, *, owner: str, intent: str) -> bool:
+    async def mark_intent(
+        self, idem_key: str, provider: str, client_id: str, *, owner: str, intent: str, now_ms: int
+    ) -> bool:
+        """Record a create about to be sent and renew our leases; False if the lock is no longer ours."""
         ok = await self._intent(
-            keys=[keys.client_state(provider, client_id), keys.client_lock(provider, client_id)],
-            args=[owner, intent],
+            keys=[
+                keys.client_state(provider, client_id), keys.client_lock(provider, client_id),
+                keys.idempotency(idem_key),
+            ],
+            args=[owner, intent, self.lease_ms, now_ms],
         )
         return bool(ok)
 
@@ -186,7 +202,7 @@ class SyncStore:
         mark: tuple[int, int] | None = None,
         deleted: bool | None = None,
     ) -> bool:
-        """Record the outcome; False if our claim was lost to another worker meanwhile."""
+        """Record the outcome; False if our claim or the client lock was lost meanwhile."""
         link_op = "del" if unlink else ("set" if link else "keep")
         ok = await self._finish(
             keys=self._keys(idem_key, provider, client_id),

@@ -62,13 +62,17 @@ async def apply_change(
         return Outcome.from_json(begin.outcome or {"result": "skipped"}, replayed=True)
     assert begin.state is not None
     try:
-        outcome, bookkeeping = await _apply(change, adapter, store, begin.state, owner)
+        outcome, bookkeeping = await _apply(change, adapter, store, begin.state, owner, idem)
     except BaseException:
         # Release the claim and the lock now rather than waiting out the lease. Shielded
         # so a cancelled task still releases.
         await asyncio.shield(store.abort(idem, provider, client_id, owner=owner))
         raise
-    await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(), **bookkeeping)
+    if not await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(), **bookkeeping):
+        # Our lease ran out during the call and another run may own the client now. The
+        # effect may have happened; the retry reconciles it (a recorded intent makes it look
+        # the client up instead of creating it again; an update or delete is safe to repeat).
+        raise Busy(f"lost the lease on client {client_id} at {provider} while applying {change.event_id}")
     return outcome
 
 
@@ -108,7 +112,7 @@ async def _claim(
 
 
 async def _apply(
-    change: ClientChange, adapter: ProviderAdapter, store: SyncStore, state: ClientState, owner: str
+    change: ClientChange, adapter: ProviderAdapter, store: SyncStore, state: ClientState, owner: str, idem: str
 ) -> tuple[Outcome, dict[str, Any]]:
     mark = change.order_mark()
     if state.is_newer_than(mark):
@@ -137,7 +141,8 @@ async def _apply(
             remote = await adapter.update(found.id, client)
             return Outcome("adopted", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
     intent = f"{change.event_id}@{time.time():.3f}"
-    if not await store.mark_intent(adapter.name, client.id, owner=owner, intent=intent):
+    if not await store.mark_intent(idem, adapter.name, client.id, owner=owner, intent=intent,
+                                   now_ms=int(time.time() * 1000)):
         # Our lease on the client ran out (a slow Redis or a long pause): another worker may
         # hold it now. Creating without a recorded intent could create twice; try again later.
         raise Busy(f"lost the lock on client {client.id} at {adapter.name} before creating it")
