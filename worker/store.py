@@ -10,7 +10,8 @@ Each operation is one Lua script, so each is atomic and one round trip:
 - `abort`: release the claim and the lock after a failure, so a retry or replay can run.
 
 A claim and a lock are leases: a worker that dies holding them loses them when the lease
-runs out, and the next attempt takes over (seeing `takeover=True`).
+runs out, and the next attempt takes over (seeing `takeover=True`). Both are measured on
+Redis's clock (`TIME`), so workers whose clocks disagree still agree on who holds what.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from worker import keys
+from worker.lua import NOW_LUA
 
-_BEGIN = """
+_BEGIN = NOW_LUA + """
 local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
-local fp, owner, now, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local fp, owner, now, lease, ttl = ARGV[1], ARGV[2], now_ms(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local cur = redis.call('HMGET', idem, 'status', 'fp', 'owner', 'lease', 'outcome')
 local takeover = 0
 if cur[1] then
@@ -48,14 +50,14 @@ local s = redis.call('HMGET', state, 'link', 'mark_v', 'mark_t', 'deleted', 'int
 return {'go', tostring(takeover), s[1] or '', s[2] or '', s[3] or '', s[4] or '', s[5] or ''}
 """
 
-# KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms
+# KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms ('' = Redis time)
 # Renews both leases: the create that follows gets a whole lease, however long `find` took.
-_MARK_INTENT = """
+_MARK_INTENT = NOW_LUA + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'intent', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 if redis.call('HGET', KEYS[3], 'owner') == ARGV[1] then
-  redis.call('HSET', KEYS[3], 'lease', tonumber(ARGV[4]) + tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[3], 'lease', now_ms(ARGV[4]) + tonumber(ARGV[3]))
 end
 return 1
 """
@@ -148,11 +150,12 @@ class SyncStore:
         ]
 
     async def begin(
-        self, idem_key: str, provider: str, client_id: str, *, fingerprint: str, owner: str, now_ms: int
+        self, idem_key: str, provider: str, client_id: str, *, fingerprint: str, owner: str,
+        now_ms: int | None = None,
     ) -> Begin:
         raw = await self._begin(
             keys=self._keys(idem_key, provider, client_id),
-            args=[fingerprint, owner, now_ms, self.lease_ms, self.ttl],
+            args=[fingerprint, owner, "" if now_ms is None else now_ms, self.lease_ms, self.ttl],
         )
         status = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
         vals = [v.decode() if isinstance(v, bytes) else (v or "") for v in raw[1:]]
@@ -177,7 +180,8 @@ class SyncStore:
         )
 
     async def mark_intent(
-        self, idem_key: str, provider: str, client_id: str, *, owner: str, intent: str, now_ms: int
+        self, idem_key: str, provider: str, client_id: str, *, owner: str, intent: str,
+        now_ms: int | None = None,
     ) -> bool:
         """Record a create about to be sent and renew our leases; False if the lock is no longer ours."""
         ok = await self._intent(
@@ -185,7 +189,7 @@ class SyncStore:
                 keys.client_state(provider, client_id), keys.client_lock(provider, client_id),
                 keys.idempotency(idem_key),
             ],
-            args=[owner, intent, self.lease_ms, now_ms],
+            args=[owner, intent, self.lease_ms, "" if now_ms is None else now_ms],
         )
         return bool(ok)
 

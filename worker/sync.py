@@ -93,7 +93,7 @@ async def _claim(
     while True:
         begin = await store.begin(
             idem, provider, change.client.id,
-            fingerprint=change.fingerprint(), owner=owner, now_ms=int(time.time() * 1000),
+            fingerprint=change.fingerprint(), owner=owner,
         )
         if begin.status in ("go", "done"):
             return begin
@@ -141,8 +141,7 @@ async def _apply(
             remote = await adapter.update(found.id, client)
             return Outcome("adopted", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
     intent = f"{change.event_id}@{time.time():.3f}"
-    if not await store.mark_intent(idem, adapter.name, client.id, owner=owner, intent=intent,
-                                   now_ms=int(time.time() * 1000)):
+    if not await store.mark_intent(idem, adapter.name, client.id, owner=owner, intent=intent):
         # Our lease on the client ran out (a slow Redis or a long pause): another worker may
         # hold it now. Creating without a recorded intent could create twice; try again later.
         raise Busy(f"lost the lock on client {client.id} at {adapter.name} before creating it")
