@@ -2,7 +2,7 @@
 
 Redis: `CLIENTSYNC_REDIS_URL` when it is set and answers (the tests then use database 15
 of that server and flush it first, never the database you pointed at); otherwise an
-embedded redis-server started for the session. Never fakeredis, never Celery eager mode.
+embedded redis-server started for the session. Never an in-process Redis fake, never Celery eager mode.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import pytest
 import redis
 
@@ -47,6 +48,13 @@ def redis_server_url() -> Iterator[str]:
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for talking to the receiver and the sandbox control API."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

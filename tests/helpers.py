@@ -102,3 +102,26 @@ async def sandbox_calls(session: aiohttp.ClientSession, base: str) -> list[dict[
 async def set_faults(session: aiohttp.ClientSession, base: str, **faults: Any) -> None:
     async with session.post(f"{base}/_sandbox/faults", json=faults) as r:
         assert r.status == 200, await r.text()
+
+
+async def workers_ready(redis: aioredis.Redis, n: int, timeout: float = 30) -> None:
+    """Wait for `n` worker runtimes' heartbeats (each runs the mover of parked retries)."""
+    deadline = time.monotonic() + timeout
+    while len(await redis.keys(keys.HEARTBEAT_PATTERN)) < n:
+        assert time.monotonic() < deadline, "workers did not start"
+        await asyncio.sleep(0.1)
+
+
+async def enqueue_changes(redis: aioredis.Redis, n: int, provider: str) -> list[str]:
+    """Queue `n` new clients' upserts for `provider` as the receiver would; their job ids."""
+    from tests.conftest import uid
+    from worker.models import ClientChange
+    from worker.producer import Producer
+
+    producer = Producer(redis, queue="celery", event_ttl=3600)
+    job_ids = []
+    for _ in range(n):
+        c = ClientChange.model_validate({**change(uid("e-"), uid("c-")), "providers": [provider]})
+        assert (await producer.enqueue(c, received_at=time.time())).status == "queued"
+        job_ids.append(keys.job_id(provider, c.event_id))
+    return job_ids

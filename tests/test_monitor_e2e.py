@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -32,12 +32,6 @@ def stack(redis_server_url: str) -> Iterator[Stack]:
         CLIENTSYNC_LEDGER_MAX_JOBS=str(RETENTION), CLIENTSYNC_LEDGER_TRIM_EVERY="10",
         CLIENTSYNC_LEDGER_TRIM_INTERVAL_SECONDS="1",
     ) as s:
-        yield s
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
         yield s
 
 

@@ -16,12 +16,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import running_stack, uid
-from tests.helpers import change, sandbox_calls, sandbox_clients, set_faults, wait_jobs
+from tests.conftest import running_stack
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
 from worker import keys
 from worker.launcher import Stack
-from worker.models import ClientChange
-from worker.producer import Producer
 from worker.redis_server import EmbeddedRedis
 
 IN = "invoice_ninja"
@@ -42,35 +40,11 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(stack.redis_url, decode_responses=True)
     await workers_ready(client, 2)
     yield client
     await client.aclose()
-
-
-async def workers_ready(redis: aioredis.Redis, n: int, timeout: float = 30) -> None:
-    """Wait for `n` worker runtimes' heartbeats (each runs the mover of parked retries)."""
-    deadline = time.monotonic() + timeout
-    while len(await redis.keys(keys.HEARTBEAT_PATTERN)) < n:
-        assert time.monotonic() < deadline, "workers did not start"
-        await asyncio.sleep(0.1)
-
-
-async def enqueue(redis: aioredis.Redis, n: int) -> list[str]:
-    producer = Producer(redis, queue="celery", event_ttl=3600)
-    job_ids = []
-    for _ in range(n):
-        c = ClientChange.model_validate({**change(uid("e-"), uid("c-")), "providers": [IN]})
-        assert (await producer.enqueue(c, received_at=time.time())).status == "queued"
-        job_ids.append(keys.job_id(IN, c.event_id))
-    return job_ids
 
 
 async def test_an_outage_opens_the_circuit_costs_no_attempts_and_ends_with_every_job_applied_once(
@@ -79,7 +53,7 @@ async def test_an_outage_opens_the_circuit_costs_no_attempts_and_ends_with_every
     base = f"http://127.0.0.1:{stack.sandbox_port}/{IN}"
     outage_ends = time.time() + 5.0
     await set_faults(http, base, fail_until=outage_ends)
-    job_ids = await enqueue(redis, 6)
+    job_ids = await enqueue_changes(redis, 6, IN)
 
     opens: dict[str, float] = {}  # opened_at -> reopen_at, as seen while the circuit was open
     waiting_seen: list[dict[str, Any]] = []  # job records seen parked on the open circuit

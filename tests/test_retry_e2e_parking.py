@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -21,12 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 from kombu import Connection
 
-from tests.conftest import running_stack, uid
-from tests.helpers import change, sandbox_calls, sandbox_clients, set_faults, wait_jobs
+from tests.conftest import running_stack
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
 from worker import keys
 from worker.launcher import Stack
-from worker.models import ClientChange
-from worker.producer import Producer
 from worker.redis_server import EmbeddedRedis
 
 IN = "invoice_ninja"
@@ -44,27 +41,11 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    deadline = time.monotonic() + 30
-    while not await client.keys(keys.HEARTBEAT_PATTERN):
-        assert time.monotonic() < deadline, "the worker did not start"
-        await asyncio.sleep(0.1)
+    await workers_ready(client, 1)
     yield client
     await client.aclose()
-
-
-async def enqueue(redis: aioredis.Redis) -> str:
-    c = ClientChange.model_validate({**change(uid("e-"), uid("c-")), "providers": [IN]})
-    assert (await Producer(redis, queue="celery", event_ttl=3600).enqueue(c, received_at=time.time())).status \
-        == "queued"
-    return keys.job_id(IN, c.event_id)
 
 
 def visibility_sweep(redis_url: str) -> None:
@@ -79,7 +60,7 @@ async def test_a_backoff_longer_than_the_visibility_timeout_runs_once_at_its_tim
 ) -> None:
     base = f"http://127.0.0.1:{stack.sandbox_port}/{IN}"
     await set_faults(http, base, throttle_next=1, retry_after=5)
-    job_id = await enqueue(redis)
+    job_id = (await enqueue_changes(redis, 1, IN))[0]
     await wait_jobs(stack.redis_url, [job_id], states={"retrying"}, timeout=30)
     record = await redis.hgetall(keys.job(job_id))
     throttled = (await sandbox_calls(http, base))[0]
@@ -119,7 +100,7 @@ async def test_the_providers_own_max_attempts_ends_a_failing_job_dead(
     base = f"http://127.0.0.1:{stack.sandbox_port}/{IN}"
     await http.post(f"{base}/_sandbox/reset")
     await set_faults(http, base, fail_next=3)  # CLIENTSYNC_INVOICE_NINJA_MAX_ATTEMPTS=3
-    job_id = await enqueue(redis)
+    job_id = (await enqueue_changes(redis, 1, IN))[0]
     records = await wait_jobs(stack.redis_url, [job_id], timeout=30)
     assert records[job_id]["state"] == "dead" and records[job_id]["attempts"] == "3"
     assert len(await sandbox_calls(http, base)) == 3

@@ -15,12 +15,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import running_stack, uid
-from tests.helpers import change, sandbox_calls, sandbox_clients, set_faults, wait_jobs
+from tests.conftest import running_stack
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
 from worker import keys
 from worker.launcher import Stack
-from worker.models import ClientChange
-from worker.producer import Producer
 from worker.redis_server import EmbeddedRedis
 
 IN = "invoice_ninja"
@@ -37,30 +35,11 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    deadline = time.monotonic() + 30
-    while len(await client.keys(keys.HEARTBEAT_PATTERN)) < 2:  # both workers' runtimes are up
-        assert time.monotonic() < deadline, "workers did not start"
-        await asyncio.sleep(0.1)
+    await workers_ready(client, 2)
     yield client
     await client.aclose()
-
-
-async def enqueue(redis: aioredis.Redis, n: int) -> list[str]:
-    producer = Producer(redis, queue="celery", event_ttl=3600)
-    job_ids = []
-    for _ in range(n):
-        c = ClientChange.model_validate({**change(uid("e-"), uid("c-")), "providers": [IN]})
-        assert (await producer.enqueue(c, received_at=time.time())).status == "queued"
-        job_ids.append(keys.job_id(IN, c.event_id))
-    return job_ids
 
 
 async def test_after_a_429_with_retry_after_no_call_reaches_the_provider_before_the_time(
@@ -68,7 +47,7 @@ async def test_after_a_429_with_retry_after_no_call_reaches_the_provider_before_
 ) -> None:
     base = f"http://127.0.0.1:{stack.sandbox_port}/{IN}"
     await set_faults(http, base, throttle_next=1, retry_after=2)
-    first = await enqueue(redis, 1)
+    first = await enqueue_changes(redis, 1, IN)
 
     # The first job's call is answered 429 + Retry-After: 2 ...
     deadline = time.monotonic() + 30
@@ -81,7 +60,7 @@ async def test_after_a_429_with_retry_after_no_call_reaches_the_provider_before_
     while not float(await redis.hget(keys.rate_bucket(IN), "blocked_until") or 0):
         assert time.monotonic() < deadline, "the 429 was not shared"
         await asyncio.sleep(0.01)
-    others = await enqueue(redis, 5)
+    others = await enqueue_changes(redis, 5, IN)
 
     records = await wait_jobs(stack.redis_url, first + others, timeout=30)
     assert all(r["state"] == "succeeded" for r in records.values()), records

@@ -37,12 +37,6 @@ def stack(redis_server_url: str) -> Iterator[Stack]:
         yield s
 
 
-@pytest.fixture
-async def http() -> aiohttp.ClientSession:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 def sandbox(stack: Stack) -> str:
     return f"http://127.0.0.1:{stack.sandbox_port}/{IN}"
 

@@ -202,38 +202,32 @@ async def get_job(request: web.Request) -> web.Response:
 
 @protected
 async def replay_job(request: web.Request) -> web.Response:
-    """`POST /monitor/jobs/{id}/replay`."""
-    job_id = request.match_info["id"]
-    try:
-        body = await _json_body(request, required=False)
-        _check_known(body, {"note"}, "field")
-        result = await _monitor(request).replay(job_id, note=_note(body, "replayed by operator"))
-    except InvalidParam as exc:
-        return _bad(exc)
-    except JobNotFound as exc:
-        return json_error(404, str(exc), id=job_id)
-    except NotAllowed as exc:
-        return json_error(409, str(exc), id=job_id, state=exc.state)
-    log.info("operator replayed job %s", job_id)
-    return _ok(result, status=202)
+    """`POST /monitor/jobs/{id}/replay`: 202, the job is queued again."""
+    return await _job_action(request, "replay", status=202)
 
 
 @protected
 async def discard_job(request: web.Request) -> web.Response:
     """`POST /monitor/jobs/{id}/discard`."""
+    return await _job_action(request, "discard", status=200)
+
+
+async def _job_action(request: web.Request, action: str, *, status: int) -> web.Response:
     job_id = request.match_info["id"]
+    monitor = _monitor(request)
+    act = monitor.replay if action == "replay" else monitor.discard
     try:
         body = await _json_body(request, required=False)
         _check_known(body, {"note"}, "field")
-        result = await _monitor(request).discard(job_id, note=_note(body, "discarded by operator"))
+        result = await act(job_id, note=_note(body, f"{action}ed by operator"))
     except InvalidParam as exc:
         return _bad(exc)
     except JobNotFound as exc:
         return json_error(404, str(exc), id=job_id)
     except NotAllowed as exc:
         return json_error(409, str(exc), id=job_id, state=exc.state)
-    log.info("operator discarded job %s", job_id)
-    return _ok(result)
+    log.info("operator %sed job %s", action, job_id)
+    return _ok(result, status=status)
 
 
 _BULK_FILTER = ("provider", "error_class", "client_id", "since", "until")
