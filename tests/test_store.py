@@ -84,17 +84,17 @@ async def test_marks_and_tombstones_are_recorded_and_compared(store: SyncStore) 
                        mark=(-1, 5_000_000), deleted=True)
     state = (await store.begin("k2", P, C, fingerprint="fp", owner="w2", now_ms=1001)).state
     assert state is not None and state.deleted and state.link is None
-    assert state.is_newer_than((-1, 4_000_000))  # older by time: stale
-    assert not state.is_newer_than((-1, 6_000_000))
+    assert state.supersedes((-1, 4_000_000), upsert=False)  # older by time: stale
+    assert not state.supersedes((-1, 6_000_000), upsert=False)
 
 
 def test_versions_win_over_time_when_both_sides_have_one() -> None:
     from worker.store import ClientState
 
     applied = ClientState(link="X", mark_version=7, mark_micros=9_000, deleted=False, intent=None)
-    assert applied.is_newer_than((6, 99_000))  # lower version, later time: still stale
-    assert not applied.is_newer_than((8, 1_000))  # higher version, earlier time: applies
-    assert applied.is_newer_than((-1, 8_000))  # no version: time decides
+    assert applied.supersedes((6, 99_000), upsert=False)  # lower version, later time: still stale
+    assert not applied.supersedes((8, 1_000), upsert=False)  # higher version, earlier time: applies
+    assert applied.supersedes((-1, 8_000), upsert=False)  # no version: time decides
 
 
 def test_idempotency_keys_are_derived_not_random() -> None:
@@ -132,3 +132,14 @@ async def test_recording_an_intent_renews_both_leases(store: SyncStore) -> None:
     assert await store.mark_intent("k1", P, C, owner="w1", intent="k1", now_ms=4000)
     assert await store.redis.pttl(keys.client_lock(P, C)) > 4000
     assert int(await store.redis.hget(keys.idempotency("k1"), "lease")) == 9000
+
+
+def test_an_upsert_that_ties_a_delete_is_stale_but_ties_between_upserts_apply() -> None:
+    from worker.store import ClientState
+
+    deleted = ClientState(link=None, mark_version=5, mark_micros=1_000, deleted=True, intent=None)
+    assert deleted.supersedes((5, 2_000), upsert=True)
+    assert not deleted.supersedes((6, 500), upsert=True)
+    live = ClientState(link="X", mark_version=5, mark_micros=1_000, deleted=False, intent=None)
+    assert not live.supersedes((5, 1_000), upsert=True)
+    assert live.supersedes((4, 9_000), upsert=True)

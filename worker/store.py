@@ -107,14 +107,19 @@ class ClientState:
     #: a previous holder's claim expired: it may have crashed mid-call
     takeover: bool = False
 
-    def is_newer_than(self, mark: tuple[int, int]) -> bool:
-        """True if the applied mark is newer than `mark` (version wins when both have one)."""
+    def supersedes(self, mark: tuple[int, int], *, upsert: bool) -> bool:
+        """True if a change at `mark` must be skipped as stale: older, or an upsert that ties a delete."""
+        order = self._compare(mark)
+        return order > 0 or (order == 0 and upsert and self.deleted)
+
+    def _compare(self, mark: tuple[int, int]) -> int:
+        """1 if the applied mark is newer than `mark`, 0 on a tie, -1 if older (version wins when both have one)."""
         version, micros = mark
         if self.mark_micros is None:
-            return False
+            return -1
         if version >= 0 and self.mark_version is not None and self.mark_version >= 0:
-            return self.mark_version > version
-        return self.mark_micros > micros
+            return (self.mark_version > version) - (self.mark_version < version)
+        return (self.mark_micros > micros) - (self.mark_micros < micros)
 
 
 @dataclass(frozen=True)

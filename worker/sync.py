@@ -115,7 +115,8 @@ async def _apply(
     change: ClientChange, adapter: ProviderAdapter, store: SyncStore, state: ClientState, owner: str, idem: str
 ) -> tuple[Outcome, dict[str, Any]]:
     mark = change.order_mark()
-    if state.is_newer_than(mark):
+    # A tie goes to the tombstone: an upsert at the same version/time as a delete stays deleted.
+    if state.supersedes(mark, upsert=change.action == "upsert"):
         return Outcome("skipped", state.link, "stale"), {}
     client = change.client
     if change.action == "delete":
