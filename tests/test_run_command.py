@@ -23,20 +23,26 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_run_starts_everything_prints_how_to_use_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port, sandbox_port = free_port(), free_port()
+def start_run(tmp_path: Path, port: int, sandbox_port: int) -> tuple[subprocess.Popen[str], str]:
+    """`clientsync run` as a user starts it; returns the process and its banner, once it is up."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", "--port", str(port), "--sandbox-port", str(sandbox_port),
          "--data-dir", str(tmp_path / "redis")],
         cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    banner = ""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        banner += line
+        if "Stop with Ctrl-C" in line:
+            break
+    return proc, banner
+
+
+def test_run_starts_everything_prints_how_to_use_it_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port, sandbox_port = free_port(), free_port()
+    proc, banner = start_run(tmp_path, port, sandbox_port)
     try:
-        banner = ""
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            banner += line
-            if "Stop with Ctrl-C" in line:
-                break
         assert f"POST http://127.0.0.1:{port}/webhooks/clients" in banner
         secret = re.search(r"CLIENTSYNC_WEBHOOK_SECRET=(whsec_\S+)", banner)
         assert secret, banner
@@ -79,17 +85,9 @@ def celery_workers(parent: int, wait: float = 20) -> list[str]:
 
 
 def test_run_restarts_a_worker_that_dies(tmp_path: Path) -> None:
-    port, sandbox_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "run", "--port", str(port), "--sandbox-port", str(sandbox_port),
-         "--data-dir", str(tmp_path / "redis")],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc, _banner = start_run(tmp_path, free_port(), free_port())
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Stop with Ctrl-C" in line:
-                break
         workers = celery_workers(proc.pid)
         assert len(workers) == 1
         subprocess.run(["kill", "-9", workers[0]], check=True)

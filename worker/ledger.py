@@ -433,15 +433,6 @@ class Ledger:
             ))
         return out
 
-    async def ids(self, state: str | None = None, *, newest_first: bool = True, start: int = 0,
-                  count: int = 50) -> list[str]:
-        key = keys.jobs_in_state(state) if state else keys.JOBS_BY_TIME
-        fn = self.redis.zrevrange if newest_first else self.redis.zrange
-        return [_text(i) for i in await fn(key, start, start + count - 1)]
-
-    async def many(self, job_ids: Iterable[str]) -> list[Job]:
-        return [j for j in await self.get_many(list(job_ids)) if j is not None]
-
     async def counts(self) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for s in STATES:

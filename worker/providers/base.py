@@ -62,6 +62,12 @@ class RemoteClient:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def wire_text(value: Any) -> str | None:
+    """A provider's field as optional text: None, blanks and whitespace become None."""
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
 def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait from `Retry-After` (seconds or HTTP date) or a rate-limit reset header."""
     now = time.time() if now is None else now

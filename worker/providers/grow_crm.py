@@ -35,7 +35,7 @@ from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError, NotFound, PermanentError
 from worker.models import Address, Client, Contact
-from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
+from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient, wire_text
 
 _MAX_LIMIT = 100
 _STATUS = {"active": "active", "archived": "suspended"}
@@ -51,10 +51,6 @@ class GrowCRMConfig(ProviderConfig):
 
     def missing(self) -> str:
         return "set CLIENTSYNC_GROW_CRM_URL (your install's https://…/api) and CLIENTSYNC_GROW_CRM_API_KEY"
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
 
 
 def _country_name(code: str) -> str:
@@ -137,33 +133,33 @@ class GrowCRM(ProviderAdapter):
     def from_wire(self, data: dict[str, Any]) -> Client:
         billing = data.get("billing") if isinstance(data.get("billing"), dict) else {}
         assert isinstance(billing, dict)
-        code = _country_code(_text(billing.get("country")))
+        code = _country_code(wire_text(billing.get("country")))
         address = None
         if code:
             address = Address(
-                line1=_text(billing.get("street")),
-                city=_text(billing.get("city")),
-                region=_text(billing.get("state")),
-                postal_code=_text(billing.get("zip")),
+                line1=wire_text(billing.get("street")),
+                city=wire_text(billing.get("city")),
+                region=wire_text(billing.get("state")),
+                postal_code=wire_text(billing.get("zip")),
                 country=code,
             )
         owner = data.get("account_owner") if isinstance(data.get("account_owner"), dict) else {}
         assert isinstance(owner, dict)
-        first, last = _text(owner.get("first_name")), _text(owner.get("last_name"))
+        first, last = wire_text(owner.get("first_name")), wire_text(owner.get("last_name"))
         if not owner and isinstance(data.get("owner"), dict):  # a record not read through `get`
-            first, _, rest = (_text(data["owner"].get("name")) or "").partition(" ")
+            first, _, rest = (wire_text(data["owner"].get("name")) or "").partition(" ")
             first, last = first or None, rest or None
         return Client(
             id=str(data["id"]),
             kind="company",
-            name=_text(data.get("company_name")),
+            name=wire_text(data.get("company_name")),
             first_name=first,
             last_name=last,
-            email=_text(owner.get("email")),
-            notes=_text(data.get("description")),
-            phone=_text(data.get("phone")),
-            website=_text(data.get("website")),
-            vat_number=_text(data.get("vat")),
+            email=wire_text(owner.get("email")),
+            notes=wire_text(data.get("description")),
+            phone=wire_text(data.get("phone")),
+            website=wire_text(data.get("website")),
+            vat_number=wire_text(data.get("vat")),
             billing_address=address,
             tags=tuple(t for t in data.get("tags") or () if isinstance(t, str) and t.strip()),
             status="archived" if data.get("status") == "suspended" else "active",

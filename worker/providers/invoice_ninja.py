@@ -33,7 +33,7 @@ from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError, NotFound, ProviderError
 from worker.models import Address, Client, Contact
-from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
+from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient, wire_text
 
 _PATH = "/api/v1/clients"
 # Invoice Ninja's currency ids are 1..123 in this order
@@ -73,11 +73,6 @@ class InvoiceNinjaConfig(ProviderConfig):
         return "" if self.is_configured() else "set CLIENTSYNC_INVOICE_NINJA_TOKEN (an API token)"
 
 
-def _text(value: Any) -> str | None:
-    text = str(value).strip() if value is not None else ""
-    return text or None
-
-
 def _country_id(code: str) -> int:
     found = pycountry.countries.get(alpha_2=code)
     assert found is not None  # `Address.country` is validated against pycountry
@@ -103,12 +98,12 @@ def _address_from(prefix: str, data: dict[str, Any]) -> Address | None:
     country = _country(data.get(f"{prefix}country_id"))
     if country is None:  # an address without a country cannot be canonical
         return None
-    values = {f: _text(data.get(f"{prefix}{k}")) for k, f in _ADDRESS.items()}
+    values = {f: wire_text(data.get(f"{prefix}{k}")) for k, f in _ADDRESS.items()}
     return Address(country=country, **values) if any(values.values()) else None
 
 
 def _contact_from(raw: dict[str, Any]) -> Contact | None:
-    fields = {k: _text(raw.get(k)) for k in ("first_name", "last_name", "email", "phone")}
+    fields = {k: wire_text(raw.get(k)) for k in ("first_name", "last_name", "email", "phone")}
     if not any(fields.values()):
         return None
     try:
@@ -223,19 +218,19 @@ class InvoiceNinja(ProviderAdapter):
         raw_contacts = [c for c in (data.get("contacts") or []) if isinstance(c, dict)]
         contacts = tuple(c for c in map(_contact_from, raw_contacts) if c is not None)
         primary = next((c for c in contacts if c.is_primary), contacts[0] if contacts else None)
-        currency_id = _text((data.get("settings") or {}).get("currency_id"))
+        currency_id = wire_text((data.get("settings") or {}).get("currency_id"))
         currency = None
         if currency_id and currency_id.isdigit() and 0 < int(currency_id) <= len(_CURRENCIES):
             currency = _CURRENCIES[int(currency_id) - 1]
         return Client(
             id=str(data["id"]),
             kind="individual" if data.get("classification") == "individual" else "company",
-            name=_text(data.get("name")),
+            name=wire_text(data.get("name")),
             first_name=primary.first_name if primary else None,
             last_name=primary.last_name if primary else None,
             email=primary.email if primary else None,
-            **{f: _text(data.get(w)) for w, f in _SCALARS.items()},
-            notes=(_text(data.get("private_notes")) or "")[:1000] or None,
+            **{f: wire_text(data.get(w)) for w, f in _SCALARS.items()},
+            notes=(wire_text(data.get("private_notes")) or "")[:1000] or None,
             billing_address=_address_from("", data),
             shipping_address=_address_from("shipping_", data),
             currency=currency,

@@ -27,7 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError, PermanentError, Unsupported
 from worker.models import Address, Client
-from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
+from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient, wire_text
 
 _MAX_TAKE = 100
 #: fields of the RF record that clientsync has no canonical value for; kept across a PUT
@@ -46,10 +46,6 @@ class RequestFinanceConfig(ProviderConfig):
 
     def missing(self) -> str:
         return "set CLIENTSYNC_REQUEST_FINANCE_OAUTH_TOKEN (or the legacy CLIENTSYNC_REQUEST_FINANCE_API_KEY)"
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
 
 
 def _email_of(client: Client) -> str | None:
@@ -112,27 +108,27 @@ class RequestFinance(ProviderAdapter):
     def from_wire(self, data: dict[str, Any]) -> Client:
         raw = data.get("address") if isinstance(data.get("address"), dict) else {}
         assert isinstance(raw, dict)
-        country = _text(raw.get("country"))
+        country = wire_text(raw.get("country"))
         address = None
         if country:
             address = Address(
-                line1=_text(raw.get("streetAddress")),
-                line2=_text(raw.get("extendedAddress")),
-                city=_text(raw.get("city")),
-                postal_code=_text(raw.get("postalCode")),
-                region=_text(raw.get("region")),
+                line1=wire_text(raw.get("streetAddress")),
+                line2=wire_text(raw.get("extendedAddress")),
+                city=wire_text(raw.get("city")),
+                postal_code=wire_text(raw.get("postalCode")),
+                region=wire_text(raw.get("region")),
                 country=country,
             )
-        business = _text(data.get("businessName"))
+        business = wire_text(data.get("businessName"))
         return Client(
             id=str(data["id"]),
             kind="company" if business else "individual",
             name=business,
-            first_name=_text(data.get("firstName")),
-            last_name=_text(data.get("lastName")),
-            email=_text(data.get("email")),
-            phone=_text(data.get("phone")),
-            vat_number=_text(data.get("taxRegistration")),
+            first_name=wire_text(data.get("firstName")),
+            last_name=wire_text(data.get("lastName")),
+            email=wire_text(data.get("email")),
+            phone=wire_text(data.get("phone")),
+            vat_number=wire_text(data.get("taxRegistration")),
             billing_address=address,
         )
 
