@@ -22,7 +22,8 @@ from worker.launcher import Stack
 from worker.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+#: reference data copied into the repo (provenance and licence in each folder)
+DATA = REPO / "tests" / "data"
 TEST_DB = 15
 
 

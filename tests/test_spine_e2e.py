@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import SHARED, running_stack, uid
+from tests.conftest import DATA, running_stack, uid
 from tests.helpers import (
     change,
     minutes_ago,
@@ -51,8 +51,8 @@ def foreign_python_producer(stack: Stack) -> Celery:
 
 
 def push_node_style(stack: Stack, args: list[object]) -> str:
-    """LPUSH a message shaped exactly like celery-node's (captured in shared/external)."""
-    captured = json.loads((SHARED / "external/celery-redis-messages/celery-node-0.5.9-producer.json").read_text())
+    """LPUSH a message shaped exactly like celery-node's (captured in tests/data)."""
+    captured = json.loads((DATA / "celery-redis-messages/celery-node-0.5.9-producer.json").read_text())
     task_id = str(uuid.uuid4())
     captured["body"] = base64.b64encode(json.dumps([args, {}, {}]).encode()).decode()
     captured["headers"].update(task="clientsync.sync_client", id=task_id)
