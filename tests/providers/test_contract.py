@@ -7,6 +7,7 @@ adding its name to `PROVIDERS`; the few per-provider facts live in the small tab
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,3 +264,22 @@ async def test_mapping_round_trip_keeps_what_the_provider_holds(env: Env, case: 
         assert info.value.field_errors
         return
     assert_core_survives(env.name, client, await env.round_trip(client))
+
+
+@pytest.mark.parametrize("ending", ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"])
+async def test_the_three_unclear_endings_of_a_create_apply_it_and_raise_transient(
+    env: Env, ending: str, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox's write faults: the provider applies the write, the caller learns nothing clear."""
+    adapter = make_adapter(env.name, env.sandbox, session, monkeypatch, timeout=0.5)
+    await env.faults(**{ending: 1}, hang_seconds=1.0)
+    client = sample()
+    with pytest.raises(ProviderUnavailable):
+        await adapter.create(client)
+    # The write lands (at once, or after the hang for the late one) exactly once.
+    for _ in range(200):
+        held = [c for c in await env.stored() if client.name and client.name in str(c)]
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert len(held) == 1
