@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from worker import keys
 from worker.errors import Busy, IdempotencyConflict, NotFound, PermanentError, Unsupported
+from worker.identity import exact_matches
 from worker.models import ClientChange
 from worker.providers.base import ProviderAdapter
 from worker.store import Begin, ClientState, SyncStore
@@ -137,7 +138,8 @@ async def _apply(
     if state.intent:
         # A create was sent before and its result was never recorded (a crash between the
         # provider's 2xx and our bookkeeping): look before creating a second client.
-        found = await adapter.find(client)
+        matches = await exact_matches(adapter, client)
+        found = matches[0] if len(matches) == 1 else None
         if found is not None:
             remote = await adapter.update(found.id, client)
             return Outcome("adopted", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
@@ -156,8 +158,8 @@ async def _delete(
     tombstone: dict[str, Any] = {"mark": mark, "deleted": True}
     target = state.link
     if target is None and state.intent:
-        found = await adapter.find(change.client)
-        target = found.id if found else None
+        matches = await exact_matches(adapter, change.client)
+        target = matches[0].id if len(matches) == 1 else None
     if target is None:
         return Outcome("skipped", None, "not_linked"), tombstone
     try:
