@@ -9,6 +9,10 @@ Two questions, both answered by provider searches (`ProviderAdapter.search`), ne
 - `lookalikes`: after a create whose answer was lost at a provider without exact keys for
   this client, records found by non-unique fields that carry the whole payload sent and were
   created at or after the recorded intent.
+- `namesakes`: before a first create, records found by non-unique fields that nobody stamped
+  (e.g. made by hand before clientsync was turned on). They may or may not be this client, so
+  they are never adopted automatically: the job asks an operator instead of creating a
+  duplicate.
 
 The caller (`worker.sync`) then drops every candidate linked to another client (the reverse
 links in `worker.store`) and decides: one -> adopt, none -> create, several -> an operator.
@@ -23,7 +27,7 @@ from worker.providers.base import ProviderAdapter, RemoteClient
 CLOCK_SKEW_SECONDS = 120.0
 
 
-def _value(client: Client, key: str) -> str | None:
+def field_value(client: Client, key: str) -> str | None:
     if key == "email" and not client.email:
         primary = client.primary_contact
         return primary.email if primary else None
@@ -39,7 +43,7 @@ def exact_keys(adapter: ProviderAdapter, client: Client) -> list[tuple[str, str]
     if adapter.stamp_field is not None:
         out.append(("stamp", client.id))
     for key in adapter.identity.unique:
-        value = _value(client, key)
+        value = field_value(client, key)
         if value:
             out.append((key, value))
     return out
@@ -63,7 +67,7 @@ async def lookalikes(adapter: ProviderAdapter, client: Client, *, since: float |
     created at or after `since` (unix seconds of the recorded intent), stamped by nobody else."""
     found: dict[str, RemoteClient] = {}
     for key in adapter.identity.similar:
-        value = _value(client, key)
+        value = field_value(client, key)
         if not value:
             continue
         for remote in await adapter.search(key, value):
@@ -73,5 +77,19 @@ async def lookalikes(adapter: ProviderAdapter, client: Client, *, since: float |
             if since is not None and created is not None and created < since - CLOCK_SKEW_SECONDS:
                 continue
             if adapter.same_payload(remote, client):
+                found.setdefault(remote.id, remote)
+    return list(found.values())
+
+
+async def namesakes(adapter: ProviderAdapter, client: Client) -> list[RemoteClient]:
+    """Records found by non-unique fields that carry no stamp at all: possibly this client,
+    created outside clientsync; an operator decides."""
+    found: dict[str, RemoteClient] = {}
+    for key in adapter.identity.similar:
+        value = field_value(client, key)
+        if not value:
+            continue
+        for remote in await adapter.search(key, value):
+            if adapter.stamp_field is None or adapter.stamped(remote) is None:
                 found.setdefault(remote.id, remote)
     return list(found.values())

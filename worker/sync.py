@@ -23,6 +23,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -37,10 +38,10 @@ from worker.errors import (
     ProviderError,
     Unsupported,
 )
-from worker.identity import exact_matches, lookalikes
+from worker.identity import exact_matches, lookalikes, namesakes
 from worker.lease import LeaseGuard
 from worker.models import ClientChange, mask_email
-from worker.providers.base import ProviderAdapter, RemoteClient
+from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
 from worker.store import Begin, ClientState, SyncStore
 
 log = logging.getLogger("clientsync.sync")
@@ -121,8 +122,29 @@ async def apply_change(
 
 def settle_seconds(adapter: ProviderAdapter) -> float:
     """How long after an unclear write clientsync assumes it may still land at the provider."""
-    configured = getattr(adapter.config, "settle_seconds", None)
-    return float(configured) if configured is not None else float(adapter.config.timeout)
+    return config_settle(adapter.config)
+
+
+def config_settle(config: ProviderConfig) -> float:
+    return float(config.settle_seconds) if config.settle_seconds is not None else 2 * float(config.timeout)
+
+
+def lease_problems(lease_seconds: float, configs: Mapping[str, ProviderConfig]) -> list[str]:
+    """Start-up check: a crashed worker's client lock must outlive any write it left in flight.
+
+    Another worker takes a dead holder's client over when the lease runs out; by then the dead
+    holder's last call must have timed out and settled, or the takeover could race it."""
+    problems = []
+    for name, config in sorted(configs.items()):
+        need = config.timeout + config_settle(config)
+        if need >= lease_seconds:
+            prefix = f"CLIENTSYNC_{name.upper()}_"
+            problems.append(
+                f"CLIENTSYNC_LEASE_SECONDS={lease_seconds:g} must exceed {prefix}TIMEOUT ({config.timeout:g}) + "
+                f"{prefix}SETTLE_SECONDS ({config_settle(config):g}): a crashed worker's write could still land "
+                "after another worker took the client over"
+            )
+    return problems
 
 
 async def _keep_lease(store: SyncStore, idem: str, provider: str, client_id: str, owner: str,
@@ -233,6 +255,13 @@ class _Run:
                 return await self._adopt(similar[0].id, update=False)
             if len(similar) > 1:
                 raise self._ambiguous(similar, "carry the payload of its unanswered create")
+        else:
+            # Onboarding: records that share a non-unique key (an email, a name) and that no
+            # stamp claims may be this client, made before clientsync ran. Never adopted on a
+            # guess, never duplicated on a guess: an operator decides.
+            others = await self._unowned(await namesakes(self.adapter, self.client))
+            if others:
+                raise self._ambiguous(others, "share its non-unique keys and may already be it")
         return await self._create()
 
     async def _unowned(self, found: list[RemoteClient]) -> list[RemoteClient]:

@@ -43,6 +43,12 @@ class ProviderConfig(BaseSettings):
     rate_limit: int | None = Field(None, ge=1, description="Calls per rate_period, all workers together.")
     rate_period: float = Field(1.0, gt=0)
     max_attempts: int | None = Field(None, ge=1, description="Overrides CLIENTSYNC_MAX_ATTEMPTS.")
+    settle_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="After a write ends unclearly (timeout, 5xx, dropped connection) it may still land for "
+        "this long; no write to that client starts before. Unset = twice the timeout.",
+    )
     id_field: str | None = Field(
         None,
         description="Provider field stamped with the source client id (unset = the adapter's default; "
