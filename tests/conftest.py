@@ -93,3 +93,13 @@ def running_stack(
 
 def uid(prefix: str = "") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def provider_timeouts(providers: list[str], seconds: float = 1.0) -> dict[str, str]:
+    """Per-provider call timeouts (and settle times) short enough for a test's short lease: the
+    worker refuses to start when CLIENTSYNC_LEASE_SECONDS <= timeout + settle (worker.sync.lease_problems)."""
+    out: dict[str, str] = {}
+    for name in providers:
+        out[f"CLIENTSYNC_{name.upper()}_TIMEOUT"] = f"{seconds:g}"
+        out[f"CLIENTSYNC_{name.upper()}_SETTLE_SECONDS"] = f"{seconds:g}"
+    return out

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import redis
 
-from tests.conftest import running_stack, uid
+from tests.conftest import provider_timeouts, running_stack, uid
 from tests.helpers import change, sandbox_calls, sandbox_clients, set_faults, wait_jobs
 from worker import keys
 from worker.producer import Producer
@@ -22,6 +22,7 @@ async def test_sigkill_mid_batch_loses_none_and_duplicates_none(redis_server_url
         redis_server_url, providers=[IN], workers=1, concurrency=8,
         # Short leases and redelivery so the test does not wait an hour for the broker.
         CLIENTSYNC_VISIBILITY_TIMEOUT="4", CLIENTSYNC_UNACKED_RESTORE_INTERVAL="1", CLIENTSYNC_LEASE_SECONDS="3",
+        **provider_timeouts([IN]),
         CLIENTSYNC_INFLIGHT_GRACE_SECONDS="3", CLIENTSYNC_INFLIGHT_SWEEP_SECONDS="1",
         CLIENTSYNC_RETRY_BASE_SECONDS="0.2", CLIENTSYNC_RETRY_CAP_SECONDS="1",
     ) as stack:

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import redis
 
-from tests.conftest import running_stack, uid
+from tests.conftest import provider_timeouts, running_stack, uid
 from tests.helpers import change, sandbox_calls, sandbox_clients, set_faults, wait_jobs
 from worker import keys
 from worker.models import ClientChange
@@ -27,6 +27,7 @@ async def test_jobs_caught_by_redis_refusing_writes_finish_once_redis_recovers(r
     with running_stack(
         redis_server_url, providers=PROVIDERS, workers=1, concurrency=8,
         CLIENTSYNC_VISIBILITY_TIMEOUT="3", CLIENTSYNC_UNACKED_RESTORE_INTERVAL="1", CLIENTSYNC_LEASE_SECONDS="3",
+        **provider_timeouts(PROVIDERS),
         CLIENTSYNC_INFLIGHT_GRACE_SECONDS="3", CLIENTSYNC_INFLIGHT_SWEEP_SECONDS="1",
         CLIENTSYNC_RETRY_BASE_SECONDS="0.2", CLIENTSYNC_RETRY_CAP_SECONDS="1",
     ) as stack:
