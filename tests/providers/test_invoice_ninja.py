@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,15 @@ import yaml
 from openapi_schema_validator import OAS30Validator, OAS30WriteValidator
 
 from tests.providers.conftest import StartSandbox, make_adapter
-from worker.errors import AuthError, LocalValidationError, NotFound, ProviderValidationError
+from worker.errors import (
+    AuthError,
+    LocalValidationError,
+    NotFound,
+    PermanentError,
+    ProviderUnavailable,
+    ProviderValidationError,
+)
+from worker.identity import exact_matches
 from worker.models import Address, Client, Contact
 from worker.providers.invoice_ninja import InvoiceNinja
 from worker.sandbox.invoice_ninja import InvoiceNinjaSandbox
@@ -65,9 +74,7 @@ def sim(sandbox: RunningSandbox) -> InvoiceNinjaSandbox:
 
 
 @pytest.fixture
-def adapter(
-    sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> InvoiceNinja:
+def adapter(sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> InvoiceNinja:
     made = make_adapter(NAME, sandbox, session, monkeypatch)
     assert isinstance(made, InvoiceNinja)
     return made
@@ -82,9 +89,7 @@ def bulk_calls(sim: InvoiceNinjaSandbox) -> list[Any]:
 
 
 # --- contacts ---------------------------------------------------------------------------------
-async def test_update_keeps_contact_ids_matched_by_email(
-    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
-) -> None:
+async def test_update_keeps_contact_ids_matched_by_email(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
     remote = await adapter.create(rich())
     before = contact_ids(sim, remote.id)
     carol = Contact(first_name="Carol", email="carol@engines.example")
@@ -100,9 +105,7 @@ async def test_update_keeps_contact_ids_matched_by_email(
     assert bob["phone"] == "+44 2"
 
 
-async def test_update_drops_only_the_contacts_no_longer_wanted(
-    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
-) -> None:
+async def test_update_drops_only_the_contacts_no_longer_wanted(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
     remote = await adapter.create(rich())
     before = contact_ids(sim, remote.id)
     await adapter.update(remote.id, rich(contacts=(BOB,)))
@@ -142,7 +145,7 @@ async def test_archive_and_restore_go_through_bulk_only_when_the_state_differs(
     assert adapter.from_wire(restored.data).status == "active"
 
 
-async def test_delete_is_soft_and_a_deleted_client_is_neither_got_listed_nor_adopted(
+async def test_delete_is_soft_and_a_deleted_client_is_neither_got_listed_nor_found(
     adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
 ) -> None:
     client = rich()
@@ -152,18 +155,97 @@ async def test_delete_is_soft_and_a_deleted_client_is_neither_got_listed_nor_ado
     with pytest.raises(NotFound):
         await adapter.get(remote.id)
     assert [r.id async for r in adapter.list()] == []
-    assert await adapter.find(client) is None
+    assert await exact_matches(adapter, client) == []
 
 
-# --- find ----------------------------------------------------------------------------------------
-async def test_find_adopts_only_a_single_match(adapter: InvoiceNinja) -> None:
-    first = await adapter.create(rich(id="a", tax_id="TAX-A"))
-    assert (await adapter.find(rich(id="a", tax_id="TAX-A")) or first).id == first.id
-    await adapter.create(rich(id="b", tax_id="TAX-B"))  # same contact email, different id_number
-    found = await adapter.find(rich(id="a", tax_id="TAX-A"))
-    assert found is not None
-    assert found.id == first.id, "two email matches: fall back to the unique id_number"
-    assert await adapter.find(rich(id="c", tax_id=None)) is None
+async def test_restore_brings_a_deleted_client_back(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
+    remote = await adapter.create(rich())
+    await adapter.delete(remote.id)
+    restored = await adapter.restore(remote.id)
+    assert restored.id == remote.id
+    assert bulk_calls(sim)[-1] == {"action": "restore", "ids": [remote.id]}
+    assert (await adapter.get(remote.id)).id == remote.id
+    with pytest.raises(NotFound):
+        await adapter.restore("Zz9Qq1Ww3E")
+
+
+# --- identity ------------------------------------------------------------------------------------
+async def test_the_source_id_is_stamped_into_number_on_create_and_update_and_not_read_back(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    remote = await adapter.create(rich())
+    assert sim.clients[remote.id]["number"] == "engines"
+    sim.clients[remote.id]["number"] = "0042"  # someone renumbers it in the UI
+    await adapter.update(remote.id, rich(phone="+39 1"))
+    assert sim.clients[remote.id]["number"] == "engines"
+    record = await adapter.get(remote.id)
+    assert adapter.stamped(record) == "engines"
+    assert "engines" not in adapter.from_wire(record.data).model_dump().values()
+
+
+async def test_search_by_stamp_tax_id_email_and_name_is_exact_across_pages(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    for i in range(103):  # more than a page of 100 share the email and part of the name
+        await adapter.create(rich(id=f"c{i}", tax_id=f"TAX-{i}", name=f"Engines {i}"))
+    assert [r.data["number"] for r in await adapter.search("stamp", "c7")] == ["c7"]
+    assert [r.data["id_number"] for r in await adapter.search("tax_id", "TAX-1")] == ["TAX-1"]
+    assert len(await adapter.search("email", "ADA@engines.example")) == 103
+    assert [r.data["name"] for r in await adapter.search("name", "Engines 10")] == ["Engines 10"]
+    lists = [c.path for c in sim.calls if c.method == "GET" and "email=" in c.path]
+    assert len(lists) == 2, "103 matches at 100 a page take two pages"
+    assert await adapter.search("stamp", "c") == []
+
+
+async def test_a_custom_value_stamp_is_searched_through_filter_and_rechecked(
+    sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, id_field="custom_value2")
+    assert isinstance(adapter, InvoiceNinja)
+    a = await adapter.create(rich(id="src-1", tax_id="T1"))
+    await adapter.create(rich(id="src-10", tax_id="T10"))
+    assert a.data["custom_value2"] == "src-1"
+    assert [r.id for r in await adapter.search("stamp", "src-1")] == [a.id]
+    assert [r.id for r in await exact_matches(adapter, rich(id="src-1", tax_id="T1"))] == [a.id]
+
+
+async def test_a_stamp_field_that_cannot_be_searched_is_a_permanent_error(
+    sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, id_field="website")
+    with pytest.raises(PermanentError, match="website"):
+        await adapter.search("stamp", "x")
+
+
+async def test_a_repeated_create_adopts_its_own_stamped_record_instead_of_a_second(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    first = await adapter.create(rich())
+    again = await adapter.create(rich(phone="+39 9"))
+    assert again.id == first.id
+    assert len(sim.clients) == 1
+    assert sim.clients[first.id]["phone"] == "+39 9"
+
+
+async def test_a_create_after_a_delete_restores_the_stamped_record(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    first = await adapter.create(rich())
+    await adapter.delete(first.id)
+    again = await adapter.create(rich(name="Back Again Ltd"))
+    assert again.id == first.id
+    assert not sim.clients[first.id]["is_deleted"]
+    assert sim.clients[first.id]["name"] == "Back Again Ltd"
+
+
+async def test_a_taken_id_number_of_another_client_is_not_adopted(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    await adapter.create(rich(id="a", tax_id="TAX-A"))
+    with pytest.raises(ProviderValidationError) as info:  # same id_number, another stamp
+        await adapter.create(rich(id="b", tax_id="TAX-A"))
+    assert "id_number" in info.value.field_errors
+    assert len(sim.clients) == 1
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -216,9 +298,7 @@ async def test_validate_rejects_locally_naming_field_and_rule(
 
 
 # --- mapping -----------------------------------------------------------------------------------------
-async def test_countries_are_iso_numeric_and_map_back(
-    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
-) -> None:
+async def test_countries_are_iso_numeric_and_map_back(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
     remote = await adapter.create(rich())
     [(_, _, body)] = sim.bodies
     assert (body["country_id"], body["shipping_country_id"]) == (380, 276)
@@ -241,9 +321,7 @@ async def test_currency_goes_to_settings_and_an_update_keeps_other_overrides(
     assert sim.clients[remote.id]["settings"] == {"currency_id": "1", "language_id": "7"}
 
 
-async def test_removed_scalar_is_sent_as_empty_string(
-    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
-) -> None:
+async def test_removed_scalar_is_sent_as_empty_string(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
     remote = await adapter.create(rich())
     await adapter.update(remote.id, rich(website=None, vat_number=None))
     assert (sim.clients[remote.id]["website"], sim.clients[remote.id]["vat_number"]) == ("", "")
@@ -275,19 +353,15 @@ async def test_every_request_body_validates_against_client_request(
     *bodies, bare = [body for _, body in writes]
 
     schema = client_request_schema()
-    # With no address at all there is no country to send; the server then uses the company's.
-    assert [e.message for e in OAS30Validator(schema).iter_errors(bare)] == [
-        "'country_id' is a required property"
-    ]
-    for body in bodies:
+    # With no address at all the company's country is sent (the spec requires country_id).
+    assert bare["country_id"] == 840
+    for body in [*bodies, bare]:
         errors = [e.message for e in OAS30Validator(schema).iter_errors(body)]
         assert errors == [], (errors, body)
         # The spec marks a contact's `id` readOnly, yet the server matches contacts by it on PUT
         # (ClientContactRepository); that is the only write-side objection allowed.
         write_errors = list(OAS30WriteValidator(schema).iter_errors(body))
-        assert all(
-            list(e.absolute_path)[:1] == ["contacts"] and "read-only" in e.message for e in write_errors
-        )
+        assert all(list(e.absolute_path)[:1] == ["contacts"] and "read-only" in e.message for e in write_errors)
     bulk = {**schema, "$ref": "#/components/schemas/GenericBulkAction"}
     assert bulk_calls(sim) == [{"action": "archive", "ids": [remote.id]}]
     assert [e.message for e in OAS30Validator(bulk).iter_errors(bulk_calls(sim)[0])] == []
@@ -300,9 +374,207 @@ async def test_the_client_email_rides_on_a_primary_contact_that_has_none_so_find
 ) -> None:
     sb = await start(["invoice_ninja"])
     adapter = make_adapter("invoice_ninja", sb, session, monkeypatch)
-    client = Client(id="c-mail", name="Mail Carrier SA", email="billing@carrier.example",
-                    contacts=(Contact(first_name="Ana", last_name="Lima"),))
+    client = Client(
+        id="c-mail",
+        name="Mail Carrier SA",
+        email="billing@carrier.example",
+        contacts=(Contact(first_name="Ana", last_name="Lima"),),
+    )
     created = await adapter.create(client)
-    found = await adapter.find(client)
-    assert found is not None and found.id == created.id
+    assert [r.id for r in await adapter.search("email", "billing@carrier.example")] == [created.id]
     assert created.data["contacts"][0]["email"] == "billing@carrier.example"
+
+
+# --- country_id, which the spec requires on every write ----------------------------------------------
+async def test_a_client_without_an_address_gets_the_companys_country_read_once(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    sim.readings.company_countries = [380]
+    for i in range(2):
+        await adapter.create(Client(id=f"bare-{i}", name=f"Bare {i}", email=f"bare{i}@example.com"))
+    assert [body["country_id"] for _, _, body in sim.bodies] == [380, 380]
+    assert [c.path for c in sim.calls].count("/invoice_ninja/api/v1/companies") == 1
+
+
+async def test_the_country_setting_saves_the_companies_call(
+    sandbox: RunningSandbox,
+    sim: InvoiceNinjaSandbox,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, country="CH")
+    await adapter.create(Client(id="bare", name="Bare", email="bare@example.com"))
+    assert sim.bodies[0][2]["country_id"] == 756
+    assert [c.method for c in sim.calls] == ["POST"]
+
+
+async def test_several_companies_without_the_setting_is_a_permanent_error_naming_it(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    sim.readings.company_countries = [840, 276]
+    with pytest.raises(PermanentError, match="CLIENTSYNC_INVOICE_NINJA_COUNTRY"):
+        await adapter.create(Client(id="bare", name="Bare", email="bare@example.com"))
+    assert sim.clients == {}
+
+
+async def test_an_update_that_drops_the_address_keeps_a_country(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    remote = await adapter.create(rich())
+    await adapter.update(remote.id, rich(billing_address=None))
+    assert sim.bodies[-1][2]["country_id"] == 380, "the record's country is resent"
+    assert sim.clients[remote.id]["address1"] == ""
+
+
+# --- the strict sandbox and the readings the docs leave open --------------------------------------------
+async def test_the_strict_sandbox_refuses_unknown_read_only_and_missing_required_fields(
+    adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
+) -> None:
+    body = {"name": "X", "contacts": [{"email": "x@example.com", "is_primary": True}], "tags": ["a"],
+            "is_deleted": False}  # fmt: skip
+    with pytest.raises(ProviderValidationError) as info:
+        await adapter.request("POST", "/api/v1/clients", json_body=body)
+    assert set(info.value.field_errors) == {"tags", "is_deleted", "contacts.0.is_primary", "country_id"}
+    with pytest.raises(ProviderValidationError) as info:
+        await adapter.request("POST", "/api/v1/clients", json_body={"country_id": "840", "contacts": []})
+    assert set(info.value.field_errors) == {"country_id"}, "the spec types country_id as a number"
+    assert sim.clients == {}
+
+
+@pytest.mark.parametrize(
+    "reading",
+    [
+        {"unknown_fields": "reject", "spec_required": True},
+        {"unknown_fields": "ignore", "spec_required": False},
+    ],
+    ids=["strict-spec", "lenient-server"],
+)
+async def test_the_adapter_works_under_each_reading(
+    adapter: InvoiceNinja,
+    sim: InvoiceNinjaSandbox,
+    session: aiohttp.ClientSession,
+    sandbox: RunningSandbox,
+    reading: dict[str, Any],
+) -> None:
+    async with session.post(f"{sandbox.base_url(NAME)}/_sandbox/settings", json=reading) as resp:
+        assert resp.status == 200
+    remote = await adapter.create(rich(status="archived"))
+    await adapter.update(remote.id, rich(phone=None, contacts=(BOB,)))
+    bare = await adapter.create(Client(id="bare", name="Bare", email="bare@example.com"))
+    got = adapter.from_wire((await adapter.get(remote.id)).data)
+    assert (got.phone, got.status, got.email) == (None, "active", "bob@engines.example")
+    assert [r.id for r in await exact_matches(adapter, rich())] == [remote.id]
+    assert adapter.from_wire((await adapter.get(bare.id)).data).name == "Bare"
+    await adapter.delete(remote.id)
+    with pytest.raises(NotFound):
+        await adapter.get(remote.id)
+
+
+# --- every field changed, then cleared -------------------------------------------------------------------
+async def test_update_with_every_field_changed_then_cleared(adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
+    remote = await adapter.create(rich())
+    changed = rich(
+        kind="individual", name="Other Name", phone="+1 2", website="https://other.example",
+        vat_number="DE999", tax_id="OTHER-TAX", notes="Changed.", currency="USD", status="archived",
+        billing_address=Address(line1="1 Main St", city="Boston", region="MA", postal_code="02110", country="US"),
+        shipping_address=Address(line1="2 Side St", city="Lyon", postal_code="69001", country="FR"),
+        contacts=(Contact(first_name="Carol", last_name="Jones", email="carol@other.example", phone="+1 3"),),
+    )  # fmt: skip
+    await adapter.update(remote.id, changed)
+    got = adapter.from_wire((await adapter.get(remote.id)).data)
+    expected = changed.model_copy(update={"id": remote.id, "first_name": "Carol", "last_name": "Jones",
+                                          "email": "carol@other.example"})  # fmt: skip
+    assert got.model_dump(exclude={"contacts"}) == expected.model_dump(exclude={"contacts"})
+    assert [(c.email, c.phone) for c in got.contacts] == [("carol@other.example", "+1 3")]
+
+    cleared = Client(id="engines", name="Only A Name")
+    await adapter.update(remote.id, cleared)
+    got = adapter.from_wire((await adapter.get(remote.id)).data)
+    # A removed currency stays: the spec's ClientSettings requires currency_id (see field_map).
+    assert got == cleared.model_copy(update={"id": remote.id, "currency": "USD"})
+    assert adapter.unsupported_fields(cleared) == []
+
+
+# --- the three unclear endings of every write path --------------------------------------------------------
+ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
+
+
+async def settle(check: Any) -> None:
+    """Wait (generously) until a late write has landed."""
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("the write never landed")
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.parametrize("path", ["create", "update", "archive", "delete"])
+async def test_an_unclear_write_raises_unclear_and_its_repeat_converges(
+    sandbox: RunningSandbox,
+    sim: InvoiceNinjaSandbox,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+    path: str,
+) -> None:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, timeout=0.5)
+    assert isinstance(adapter, InvoiceNinja)
+    remote = None if path == "create" else await adapter.create(rich())
+    match = {"create": "POST /invoice_ninja/api/v1/clients", "update": "PUT ", "archive": "/bulk",
+             "delete": "DELETE"}[path]  # fmt: skip
+    setattr(sim.faults, ending, 1)
+    sim.faults.write_match, sim.faults.hang_seconds = match, 1.0
+
+    async def act() -> None:
+        if path == "create":
+            await adapter.create(rich())
+        elif path == "delete":
+            assert remote is not None
+            await adapter.delete(remote.id)
+        else:
+            assert remote is not None
+            await adapter.update(remote.id, rich(phone="+39 7", status="archived" if path == "archive" else "active"))
+
+    unclear: ProviderUnavailable | None = None
+    try:
+        await act()
+    except ProviderUnavailable as exc:
+        unclear = exc
+    if unclear is not None:
+        assert unclear.unclear
+    else:
+        # aiohttp itself resends an idempotent request (PUT, DELETE) once when a reused
+        # connection drops: the dropped call (status 0) is then followed by its repeat.
+        assert ending == "drop_after_commit_next" and path in ("update", "delete")
+        assert [c.status for c in sim.calls if c.method in ("PUT", "DELETE")][-2:] == [0, 200]
+    await settle(lambda: getattr(sim.faults, ending) == 0 and (
+        path != "create" or len(sim.clients) == 1) and (
+        path != "delete" or any(c["is_deleted"] for c in sim.clients.values())) and (
+        path != "archive" or any(c["archived_at"] for c in sim.clients.values())))  # fmt: skip
+    await act()  # the repeat (what the retry does after settling) converges
+    [record] = sim.clients.values()
+    if path == "delete":
+        assert record["is_deleted"]
+    else:
+        assert (record["phone"], record["number"]) == ("+39 7" if path != "create" else rich().phone, "engines")
+        assert bool(record["archived_at"]) == (path == "archive")
+
+
+# --- nothing dropped silently -----------------------------------------------------------------------------
+def test_the_field_map_covers_every_canonical_field() -> None:
+    assert list(InvoiceNinja.field_map) == list(Client.model_fields)
+    assert all(v.startswith(("sent as ", "not supported", "derived")) for v in InvoiceNinja.field_map.values())
+
+
+async def test_unsupported_fields_names_what_invoice_ninja_cannot_hold(
+    sandbox: RunningSandbox,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    adapter: InvoiceNinja,
+) -> None:
+    assert adapter.unsupported_fields(rich()) == []
+    assert adapter.unsupported_fields(rich(tags=("vip",), locale="it_IT")) == ["locale", "tags"]
+    by_id_number = make_adapter(NAME, sandbox, session, monkeypatch, id_field="id_number")
+    assert isinstance(by_id_number, InvoiceNinja)
+    assert by_id_number.unsupported_fields(rich()) == ["tax_id"]

@@ -1,10 +1,34 @@
-"""Invoice Ninja v5 simulator: `/api/v1/clients` as PROVIDERS.md ("001") describes it.
+"""Invoice Ninja v5 simulator: `/api/v1/clients` as its published OpenAPI spec and PROVIDERS.md
+("001") describe it. "spec" below is `tests/data/invoiceninja-openapi/api-docs.yaml`.
 
-Faithful where the adapter depends on it: hashed-string ids, `{data}` envelopes and
-`meta.pagination`, 403 "Invalid token", 400 for an unknown id, 422 field errors, partial
-PUT for scalars with full-replace `contacts`, soft delete, bulk archive/restore/delete,
-`country_id` as ISO numeric, unique `number`/`id_number`. Strings longer than the DB
-columns (191; contact email 100) answer 500, as MySQL strict mode does behind the real API.
+Each rule and its source:
+- auth: `X-API-TOKEN`; a wrong token answers 403 "Invalid token" (TokenAuth.php, PROVIDERS.md).
+- ids are hashed strings; `{data}` envelopes; lists `{data, meta: {pagination}}` (spec `Meta`).
+- list filters (spec GET /api/v1/clients parameters, ClientFilters.php): `number`, `id_number`,
+  `email` (a contact's) compare exactly; `name` is LIKE %name%; `filter` is LIKE over name,
+  id_number, contacts' first/last name and email, custom_value1..4; `status` a comma list of
+  active / archived / deleted (default: active + archived); `page` / `per_page` (default 20, at
+  most 5000, ClientController).
+- writes (spec `ClientRequest`, POST and PUT alike): only its properties are accepted, readOnly
+  ones (`id`, `is_deleted`, `has_valid_vat_number`) refused; contacts only
+  `ClientContactRequest`'s properties (+ `id`, which the server matches contacts by,
+  ClientContactRepository); `required: [contacts, country_id]`; country ids are numbers and
+  ISO numeric codes (CountriesSeeder); `number` and `id_number` unique per company, deleted
+  clients included (422 "has already been taken"); contact email a valid address.
+- strings longer than the DB columns (191; contact email 100) answer 500, as MySQL strict mode
+  does behind the real API (the API layer does not check lengths).
+- PUT is partial for scalars, `contacts` the full set; delete is soft (`is_deleted`); bulk
+  `archive` / `restore` / `delete` (spec GenericBulkAction); an unknown id is 400.
+- `GET /api/v1/companies` lists the account's companies with `settings.country_id` (spec
+  CompanySettings).
+
+Where the docs leave a behaviour open, `Readings` (GET/POST `/_sandbox/settings`) holds a
+switch; the default is the strict reading:
+- `unknown_fields`: "reject" (422 naming the field) or "ignore" (Laravel's `fill()` drops them):
+  the spec gives `ClientRequest` no `additionalProperties`.
+- `spec_required`: True = the spec's `required` is enforced; False = the server's reading
+  (StoreClientRequest: a missing country defaults to the company's, no contacts = one blank).
+- `company_countries`: the ISO numeric countries of the account's companies.
 Every JSON body sent to a write route is kept in `bodies` (method, path, body) for tests.
 """
 
@@ -13,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import pycountry
@@ -29,6 +54,13 @@ _STRINGS = (
 )  # fmt: skip
 _CONTACT_STRINGS = ("first_name", "last_name", "email", "phone", "custom_value1", "custom_value2",
                     "custom_value3", "custom_value4")  # fmt: skip
+# spec components/schemas/ClientRequest and ClientContactRequest: the writable properties
+_REQUEST_FIELDS = {*_STRINGS, "contacts", "country_id", "shipping_country_id", "industry_id", "size_id",
+                   "group_settings_id", "routing_id", "is_tax_exempt", "settings"}  # fmt: skip
+_CUSTOM = ("custom_value1", "custom_value2", "custom_value3", "custom_value4")
+_READ_ONLY = {"id", "is_deleted", "has_valid_vat_number"}
+_CONTACT_FIELDS = {*_CONTACT_STRINGS, "id", "password", "send_email"}
+_REQUIRED = ("contacts", "country_id")  # spec ClientRequest.required
 # UpdateClientRequest.php: classification in:individual,business,company,partnership,trust,charity,...
 _CLASSIFICATIONS = {"individual", "business", "company", "partnership", "trust", "charity",
                     "government", "other"}  # fmt: skip
@@ -43,13 +75,23 @@ def _known_country(value: Any) -> bool:
     return pycountry.countries.get(numeric=f"{int(value):03d}") is not None
 
 
+@dataclass
+class Readings:
+    """One switch per behaviour the docs leave open (see the module docstring); strict by default."""
+
+    unknown_fields: str = "reject"  # or "ignore"
+    spec_required: bool = True
+    company_countries: list[int] = field(default_factory=lambda: [840])
+
+
 class InvoiceNinjaSandbox(SandboxProvider):
     """A company's clients in Invoice Ninja v5."""
 
     name = "invoice_ninja"
 
-    def __init__(self, **kw: Any) -> None:
+    def __init__(self, *, readings: Readings | None = None, **kw: Any) -> None:
         super().__init__(**kw)
+        self.readings = readings or Readings()
         #: (method, path, JSON body) of every write the simulator received, oldest first
         self.bodies: list[tuple[str, str, Any]] = []
         self._serial = 0
@@ -77,6 +119,26 @@ class InvoiceNinjaSandbox(SandboxProvider):
         app.router.add_get(_PATH + "/{id}", self._get)
         app.router.add_put(_PATH + "/{id}", self._update)
         app.router.add_delete(_PATH + "/{id}", self._delete)
+        app.router.add_get("/api/v1/companies", self._companies)
+        app.router.add_get("/_sandbox/settings", self._get_readings)
+        app.router.add_post("/_sandbox/settings", self._set_readings)
+
+    async def _get_readings(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.readings))
+
+    async def _set_readings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        known = {f.name for f in fields(Readings)}
+        if not isinstance(body, dict) or set(body) - known:
+            return web.json_response({"message": f"known settings: {', '.join(sorted(known))}"}, status=400)
+        for key, value in body.items():
+            setattr(self.readings, key, value)
+        return web.json_response(asdict(self.readings))
+
+    async def _control_reset(self, request: web.Request) -> web.Response:
+        self.readings = Readings()
+        self.bodies.clear()
+        return await super()._control_reset(request)
 
     # --- helpers ----------------------------------------------------------------------------
     def _hashed_id(self) -> str:
@@ -107,13 +169,29 @@ class InvoiceNinjaSandbox(SandboxProvider):
     def _check(self, body: dict[str, Any], current: dict[str, Any] | None) -> web.Response | None:
         errors: dict[str, list[str]] = {}
         too_long = False
+        if self.readings.unknown_fields == "reject":
+            for key in sorted(set(body) - _REQUEST_FIELDS):
+                rule = "is read-only" if key in _READ_ONLY else "is not a ClientRequest property"
+                errors[key] = [f"The {key} field {rule}."]
+            listed = body.get("contacts")
+            for i, contact in enumerate(listed if isinstance(listed, list) else []):
+                for key in sorted(set(contact) - _CONTACT_FIELDS if isinstance(contact, dict) else ()):
+                    errors[f"contacts.{i}.{key}"] = [f"The contacts.{i}.{key} field is not a contact property."]
+        if self.readings.spec_required:
+            for key in _REQUIRED:
+                if key not in body:
+                    errors[key] = [f"The {key} field is required."]
+        for key in ("country_id", "shipping_country_id"):
+            value = body.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                errors[key] = [f"The {key} must be a number."]
         for key in _STRINGS:
             value = body.get(key)
             if value is not None and not isinstance(value, str):
                 errors[key] = [f"The {key} must be a string."]
             too_long = too_long or (isinstance(value, str) and len(value) > 191)
         for key in ("country_id", "shipping_country_id"):
-            if body.get(key) not in (None, "") and not _known_country(body[key]):
+            if key not in errors and body.get(key) not in (None, "") and not _known_country(body[key]):
                 errors[key] = [f"The selected {key} is invalid."]
         if body.get("classification") and body["classification"] not in _CLASSIFICATIONS:
             errors["classification"] = ["The selected classification is invalid."]
@@ -199,9 +277,14 @@ class InvoiceNinjaSandbox(SandboxProvider):
             rows = [
                 c for c in rows if any(k["email"].casefold() == q["email"].casefold() for k in c["contacts"])
             ]
-        for key in ("id_number", "number", "name"):
+        for key in ("id_number", "number"):  # ClientFilters: where(key, value)
             if q.get(key):
                 rows = [c for c in rows if c.get(key) == q[key]]
+        if q.get("name"):  # ClientFilters::name: like %name% (MySQL's default collation ignores case)
+            rows = [c for c in rows if q["name"].casefold() in c["name"].casefold()]
+        if q.get("filter"):  # ClientFilters::filter
+            term = q["filter"].casefold()
+            rows = [c for c in rows if any(term in str(v).casefold() for v in _filter_columns(c))]
         total_pages = max(1, -(-len(rows) // per_page))
         chunk = rows[(page - 1) * per_page : page * per_page]
         pagination = {"total": len(rows), "count": len(chunk), "per_page": per_page,
@@ -219,9 +302,20 @@ class InvoiceNinjaSandbox(SandboxProvider):
         record.update(id=self._hashed_id(), country_id="", shipping_country_id="", settings={}, contacts=[],
                       is_deleted=False, archived_at=0, created_at=now)  # fmt: skip
         record["number"] = body.get("number") or f"{len(self.clients) + 1:04d}"
+        if "country_id" not in body:  # StoreClientRequest: the company's country
+            record["country_id"] = str(self.readings.company_countries[0])
         self._fill(record, {"contacts": [], **{k: v for k, v in body.items() if k != "number"}})
         self.clients[record["id"]] = record
         return web.json_response({"data": record})
+
+    async def _companies(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": self._hashed_id(), "settings": {"country_id": str(country)}}
+            for country in self.readings.company_countries
+        ]
+        pagination = {"total": len(data), "count": len(data), "per_page": 20, "current_page": 1,
+                      "total_pages": 1, "links": {}}  # fmt: skip
+        return web.json_response({"data": data, "meta": {"pagination": pagination}})
 
     async def _get(self, request: web.Request) -> web.Response:
         record = self._lookup(request)
@@ -257,6 +351,11 @@ class InvoiceNinjaSandbox(SandboxProvider):
         for record in found:
             self._set_state(record, action)
         return web.json_response({"data": found})
+
+
+def _filter_columns(record: dict[str, Any]) -> list[Any]:
+    contacts = [c.get(k) for c in record["contacts"] for k in ("first_name", "last_name", "email")]
+    return [record.get("name"), record.get("id_number"), *contacts, *(record.get(k) for k in _CUSTOM)]
 
 
 def _state(record: dict[str, Any]) -> str:

@@ -1,17 +1,35 @@
 """LSP.expert simulator: `/v2/clients` and the contacts sub-resource, as docs.lsp.expert shows them.
 
-Faithful to what is documented: Basic auth with the key as user and an empty password,
-24-hex ObjectId ids, `name` the only required field, partial `PUT`, the client's read
-shape (`address{...}`, `invoice.currency{code,symbol}`, embedded `contacts`), errors as
-`{message, name, code, id}`, pages of 20 as `{items, pageSize, page, totalPages,
-totalItems, hasNextPage, hasPreviousPage}`. Bodies may be JSON or form-encoded (the docs'
-examples use `curl -d`).
+Rules and where they come from (PROVIDERS.md 003 summarises the pages):
+- Auth: Basic with the key as user and an empty password (docs.lsp.expert/clients, every
+  `curl -u {key}:` example). Ids are 24-hex ObjectIds (every example id).
+- Errors: `{message, name, code, id}` with conventional statuses; 404 is
+  `{"message": "Item not found", "name": "NotFound", "code": "resource_missing"}`
+  (docs.lsp.expert/errors).
+- Create (`POST /v2/clients`, "Create a client"): `name` required; the body is closed over
+  the documented create parameters (`_CREATE_FIELDS`); `archived`/`pinned` are update-only
+  ("Update a client") and are refused on create.
+- Update (`PUT /v2/clients/:id`, "Update a client"): partial, "any parameters not provided
+  will be left unchanged"; create parameters plus `archived`, `pinned`.
+- Read shape (docs.lsp.expert/clients, "The Client object"): `address{...}`,
+  `invoice.currency{code,symbol}`, embedded `contacts`, `createdAt`/`updatedAt`.
+- Contacts (docs.lsp.expert/clients/contacts): `GET /v2/clients/:id/contacts` answers a bare
+  array; `POST` needs `fullName`; the body is closed over the documented contact parameters.
+- Lists (docs.lsp.expert/pagination): `page`, `sort`, `direction`; pages of 20 as `{items,
+  pageSize, page, totalPages, totalItems, hasNextPage, hasPreviousPage}`.
 
-Choices where the docs are silent: a 422 adds Mongoose-style `errors: {field: {message,
-kind, path}}`; `DELETE` is a hard delete answering the deleted record; "" or `null` in a
-`PUT` clears a field; unknown fields are ignored; `PUT /v2/clients/{id}/contacts/{contactId}`
-updates a contact (path inferred). Lists honour a `pageSize` query parameter (1-100; the
-real API documents none) unless `honour_page_size` is turned off, as it may be there.
+Where the docs are silent, each reading is a switch in `Readings`, settable at run time with
+`POST /<prefix>/_sandbox/readings` (JSON body = fields to change; `GET` shows them):
+- `contact_routes`: "inferred" (default) serves `PUT`/`DELETE /v2/clients/:id/contacts/:cid`;
+  "documented" serves only the documented `GET`/`POST`, so those answer 404 like any
+  unknown route.
+- `unknown_fields`: "reject" (default) answers 422 naming an unknown body field; "ignore"
+  drops it silently.
+- `honour_page_size`: True (default) honours a `pageSize` query parameter (1-100), False
+  always answers 20 a page (no such parameter is documented).
+Other choices: a 422 adds Mongoose-style `errors: {field: {message, kind, path}}`;
+`DELETE` is a hard delete answering the deleted record; "" or `null` in a `PUT` clears a
+field; bodies may be JSON or form-encoded (the docs' examples use `curl -d`).
 """
 
 from __future__ import annotations
@@ -22,7 +40,8 @@ import hmac
 import math
 import time
 import uuid
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -39,7 +58,26 @@ _ADDRESS = {
     "addressCountry": "country",
 }
 _SCALARS = ("name", "vatNumber", "nationalIdentificationNumber", "details", "archived", "pinned")
-_CONTACT_FIELDS = ("fullName", "email", "nickname", "title", "phone", "mobile", "notes")
+#: "Create a client" parameters (docs.lsp.expert/clients; PROVIDERS.md 003 "Writable fields")
+_CREATE_FIELDS = frozenset({
+    "name", *_ADDRESS, "vatNumber", "nationalIdentificationNumber", "applyVATReverseCharge", "tax1", "tax2",
+    "currency", "rappenRounding", "minimumFee", "showExchangeRateOnInvoice", "paymentTerms",
+    "paymentTermsEndOfMonth", "validityDays", "document", "invoiceFilenameFormat", "quoteFilenameFormat",
+    "creditNoteFilenameFormat", "catConfiguration", "overrideGroupMatches", "details",
+})  # fmt: skip
+#: "Update a client" adds these (update-only)
+_UPDATE_ONLY = frozenset({"archived", "pinned"})
+#: "Create a contact" parameters (docs.lsp.expert/clients/contacts)
+_CONTACT_FIELDS = ("fullName", "email", "emails", "nickname", "title", "phone", "mobile", "notes")
+
+
+@dataclass
+class Readings:
+    """The simulator's choice where the docs leave a behaviour open (see the module docstring)."""
+
+    contact_routes: Literal["inferred", "documented"] = "inferred"
+    unknown_fields: Literal["reject", "ignore"] = "reject"
+    honour_page_size: bool = True
 
 
 def _error(status: int, message: str, name: str, code: str, **extra: Any) -> web.Response:
@@ -51,12 +89,19 @@ def _not_found() -> web.Response:
     return _error(404, "Item not found", "NotFound", "resource_missing")
 
 
-def _required(field: str) -> web.Response:
-    text = f"Path `{field}` is required."
+def _invalid_field(field: str, text: str, kind: str) -> web.Response:
     return _error(
         422, f"Validation failed: {field}: {text}", "ValidationError", "validation_failed",
-        errors={field: {"message": text, "kind": "required", "path": field}},
+        errors={field: {"message": text, "kind": kind, "path": field}},
     )  # fmt: skip
+
+
+def _required(field: str) -> web.Response:
+    return _invalid_field(field, f"Path `{field}` is required.", "required")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
 
 
 def _page(items: list[dict[str, Any]], page: int, size: int = PAGE_SIZE) -> dict[str, Any]:
@@ -71,8 +116,18 @@ def _page(items: list[dict[str, Any]], page: int, size: int = PAGE_SIZE) -> dict
 
 class LSPExpertSandbox(SandboxProvider):
     name = "lsp_expert"
-    #: False = ignore `pageSize` and always answer 20 a page (the documented behaviour)
-    honour_page_size = True
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.readings = Readings()
+
+    @property
+    def honour_page_size(self) -> bool:
+        return self.readings.honour_page_size
+
+    @honour_page_size.setter
+    def honour_page_size(self, value: bool) -> None:
+        self.readings.honour_page_size = value
 
     @classmethod
     def default_credentials(cls) -> dict[str, str]:
@@ -109,6 +164,8 @@ class LSPExpertSandbox(SandboxProvider):
         return _error(status, "Service unavailable (sandbox fault)", "ServiceUnavailable", "unavailable")
 
     def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/_sandbox/readings", self._get_readings)
+        app.router.add_post("/_sandbox/readings", self._set_readings)
         app.router.add_get("/v2/clients", self._list)
         app.router.add_post("/v2/clients", self._create)
         app.router.add_get("/v2/clients/{id}", self._get)
@@ -117,6 +174,27 @@ class LSPExpertSandbox(SandboxProvider):
         app.router.add_get("/v2/clients/{id}/contacts", self._list_contacts)
         app.router.add_post("/v2/clients/{id}/contacts", self._create_contact)
         app.router.add_put("/v2/clients/{id}/contacts/{contact_id}", self._update_contact)
+        app.router.add_delete("/v2/clients/{id}/contacts/{contact_id}", self._delete_contact)
+
+    # --- control ---------------------------------------------------------------------------
+    async def _get_readings(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.readings))
+
+    async def _set_readings(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"message": "body must be a JSON object"}, status=400)
+        known = {f.name for f in fields(Readings)}
+        if not isinstance(body, dict) or set(body) - known:
+            return web.json_response({"message": f"unknown readings; known: {', '.join(sorted(known))}"}, status=400)
+        for key, value in body.items():
+            setattr(self.readings, key, value)
+        return web.json_response(asdict(self.readings))
+
+    async def _control_reset(self, request: web.Request) -> web.Response:
+        self.readings = Readings()
+        return await super()._control_reset(request)
 
     # --- helpers -------------------------------------------------------------------------
     def object_id(self) -> str:
@@ -134,6 +212,17 @@ class LSPExpertSandbox(SandboxProvider):
             return body if isinstance(body, dict) else None
         form = await request.post()
         return {k: v for k, v in form.items() if isinstance(v, str)}
+
+    def _closed(self, body: dict[str, Any], allowed: frozenset[str] | tuple[str, ...]) -> web.Response | None:
+        """An unknown field: 422 naming it (reading "reject"), or dropped (reading "ignore")."""
+        unknown = sorted(set(body) - set(allowed))
+        if not unknown:
+            return None
+        if self.readings.unknown_fields == "ignore":
+            for key in unknown:
+                body.pop(key)
+            return None
+        return _invalid_field(unknown[0], f"`{unknown[0]}` is not an allowed parameter here", "unknown")
 
     @staticmethod
     def _write(record: dict[str, Any], body: dict[str, Any]) -> None:
@@ -153,19 +242,26 @@ class LSPExpertSandbox(SandboxProvider):
             invoice["currency"] = {"code": code.upper(), "symbol": code.upper()} if code else None
         if "paymentTerms" in body:
             invoice["paymentTerms"] = body["paymentTerms"]
-        record["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        record["updatedAt"] = _now()
 
     def _invalid(self, body: dict[str, Any], *, creating: bool) -> web.Response | None:
+        if creating and (sent := sorted(_UPDATE_ONLY & set(body))):
+            return _invalid_field(sent[0], f"`{sent[0]}` can only be set by an update", "update_only")
+        if closed := self._closed(body, _CREATE_FIELDS if creating else _CREATE_FIELDS | _UPDATE_ONLY):
+            return closed
         if (creating or "name" in body) and not str(body.get("name") or "").strip():
             return _required("name")
         country = body.get("addressCountry")
         if country and (not isinstance(country, str) or len(country) != 2 or not country.isalpha()):
-            text = "must be a two-letter country code"
-            return _error(
-                422, f"Validation failed: addressCountry: {text}", "ValidationError", "validation_failed",
-                errors={"addressCountry": {"message": text, "kind": "format", "path": "addressCountry"}},
-            )  # fmt: skip
+            return _invalid_field("addressCountry", "must be a two-letter country code", "format")
         return None
+
+    def _contact(self, request: web.Request) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        record = self.clients.get(request.match_info["id"])
+        contact = next(
+            (c for c in (record or {}).get("contacts", []) if c["id"] == request.match_info["contact_id"]), None
+        )
+        return record, contact
 
     # --- handlers ------------------------------------------------------------------------
     async def _list(self, request: web.Request) -> web.Response:
@@ -179,7 +275,7 @@ class LSPExpertSandbox(SandboxProvider):
             items.sort(key=lambda c: str(c.get("name", "")).lower())
         if request.query.get("direction") == "desc":
             items.reverse()
-        return web.json_response(_page(items, page, size if self.honour_page_size else PAGE_SIZE))
+        return web.json_response(_page(items, page, size if self.readings.honour_page_size else PAGE_SIZE))
 
     async def _create(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -187,7 +283,7 @@ class LSPExpertSandbox(SandboxProvider):
             return _error(400, "Body must be a JSON object", "BadRequest", "parameter_invalid")
         if invalid := self._invalid(body, creating=True):
             return invalid
-        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        now = _now()
         record: dict[str, Any] = {
             "id": self.object_id(), "name": "", "address": {"name": body.get("name")}, "archived": False,
             "pinned": False, "contacts": [], "details": None, "invoice": {"currency": None},
@@ -219,9 +315,7 @@ class LSPExpertSandbox(SandboxProvider):
 
     async def _list_contacts(self, request: web.Request) -> web.Response:
         record = self.clients.get(request.match_info["id"])
-        if record is None:
-            return _not_found()
-        return web.json_response(_page(record["contacts"], int(request.query.get("page", "1") or 1)))
+        return web.json_response(record["contacts"]) if record else _not_found()
 
     async def _create_contact(self, request: web.Request) -> web.Response:
         record = self.clients.get(request.match_info["id"])
@@ -230,26 +324,37 @@ class LSPExpertSandbox(SandboxProvider):
         body = await self._body(request)
         if body is None:
             return _error(400, "Body must be a JSON object", "BadRequest", "parameter_invalid")
+        if closed := self._closed(body, _CONTACT_FIELDS):
+            return closed
         if not str(body.get("fullName") or "").strip():
             return _required("fullName")
-        contact = {k: body.get(k) for k in _CONTACT_FIELDS}
+        contact = {k: body.get(k) for k in _CONTACT_FIELDS if k != "emails"}
         contact["emails"] = {"invoice": True, "quote": True, "ccInvoice": False, "ccQuote": False}
         contact["id"] = self.object_id()
         record["contacts"].append(contact)
         return web.json_response(contact, status=201)
 
     async def _update_contact(self, request: web.Request) -> web.Response:
-        record = self.clients.get(request.match_info["id"])
-        contact = next(
-            (c for c in (record or {}).get("contacts", []) if c["id"] == request.match_info["contact_id"]),
-            None,
-        )
+        if self.readings.contact_routes == "documented":
+            raise web.HTTPNotFound()  # no such route: answered like any unknown path
+        record, contact = self._contact(request)
         if record is None or contact is None:
             return _not_found()
         body = await self._body(request)
         if body is None:
             return _error(400, "Body must be a JSON object", "BadRequest", "parameter_invalid")
+        if closed := self._closed(body, _CONTACT_FIELDS):
+            return closed
         if "fullName" in body and not str(body["fullName"] or "").strip():
             return _required("fullName")
         contact.update({k: body[k] for k in _CONTACT_FIELDS if k in body})
+        return web.json_response(contact)
+
+    async def _delete_contact(self, request: web.Request) -> web.Response:
+        if self.readings.contact_routes == "documented":
+            raise web.HTTPNotFound()
+        record, contact = self._contact(request)
+        if record is None or contact is None:
+            return _not_found()
+        record["contacts"].remove(contact)
         return web.json_response(contact)
