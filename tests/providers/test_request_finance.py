@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import aiohttp
 import pytest
 
@@ -11,12 +16,14 @@ from worker.errors import (
     LocalValidationError,
     NotFound,
     PermanentError,
+    ProviderUnavailable,
     ProviderValidationError,
     Unsupported,
 )
+from worker.identity import lookalikes
 from worker.models import Address, Client, Contact
 from worker.providers.request_finance import RequestFinance, RequestFinanceConfig
-from worker.sandbox.request_finance import RequestFinanceSandbox
+from worker.sandbox.request_finance import _ADDRESS_FIELDS, _FIELDS, RequestFinanceSandbox
 from worker.sandbox.server import RunningSandbox
 
 NAME = "request_finance"
@@ -130,13 +137,12 @@ async def test_the_api_itself_has_no_delete_route(rf: RequestFinance) -> None:
     assert caught.value.status == 405
 
 
-async def test_find_matches_the_exact_email_only(rf: RequestFinance) -> None:
+async def test_search_by_email_is_exact_and_case_insensitive(rf: RequestFinance) -> None:
     await rf.create(acme(id="a", email="ann.billing@acme.example"))
     wanted = await rf.create(acme(id="b", email="billing@acme.example"))
-    found = await rf.find(acme(email="Billing@Acme.example"))
-    assert found is not None
-    assert found.id == wanted.id
-    assert await rf.find(acme(email="nobody@acme.example")) is None
+    assert [r.id for r in await rf.search("email", "Billing@Acme.example")] == [wanted.id]
+    assert await rf.search("email", "nobody@acme.example") == []
+    assert await rf.search("stamp", "b") == []  # no stamp field by default
 
 
 async def test_list_walks_the_paginated_form_page_by_page(
@@ -158,16 +164,15 @@ async def test_without_format_paginated_the_api_answers_a_bare_array(rf: Request
     assert len(plain) == 3
 
 
-async def test_list_and_find_accept_an_api_that_ignores_format_paginated(
+async def test_list_and_search_accept_an_api_that_ignores_format_paginated(
     rf: RequestFinance, sandbox: RunningSandbox
 ) -> None:
     for i in range(3):
         await rf.create(acme(id=f"c{i}", email=f"c{i}@acme.example"))
     sim(sandbox).legacy_list = True
     assert len([r async for r in rf.list(page_size=2)]) == 3
-    found = await rf.find(acme(email="c1@acme.example"))
-    assert found is not None
-    assert found.data["email"] == "c1@acme.example"
+    found = await rf.search("email", "c1@acme.example")
+    assert [r.data["email"] for r in found] == ["c1@acme.example"]
 
 
 async def test_api_key_is_sent_raw_in_authorization(rf: RequestFinance) -> None:
@@ -222,3 +227,182 @@ async def test_from_wire_maps_the_record_back_to_the_canonical_client(rf: Reques
     assert client.email == "billing@acme.example"
     assert client.vat_number == "FR40303265045"
     assert client.billing_address == acme().billing_address
+
+
+# --- the list envelope, under each reading of the undocumented format=paginated ------------
+@pytest.mark.parametrize("envelope", ["items", "data", "clients", "bare"])
+async def test_list_and_search_work_under_every_plausible_envelope(
+    rf: RequestFinance, sandbox: RunningSandbox, envelope: str
+) -> None:
+    created = [await rf.create(acme(id=f"c{i}", email=f"c{i}@acme.example")) for i in range(5)]
+    sim(sandbox).readings.envelope = envelope  # type: ignore[assignment]
+    sim(sandbox).calls.clear()
+    assert [r.id async for r in rf.list(page_size=2)] == [r.id for r in created]
+    assert len(sim(sandbox).calls) == (1 if envelope == "bare" else 3)
+    assert [r.id for r in await rf.search("email", "C3@acme.example")] == [created[3].id]
+    assert await rf.search("email", "c@acme.example") == []
+
+
+async def test_an_unknown_envelope_is_a_permanent_error_naming_its_shape_never_an_empty_list(
+    rf: RequestFinance, sandbox: RunningSandbox
+) -> None:
+    """The old adapter read `{"results": [...], "count": N}` as an empty page: `list` returned
+    nothing and the crash-recovery lookup found nothing (-> duplicates)."""
+    await rf.create(acme())
+    sim(sandbox).readings.envelope = "results"
+    with pytest.raises(PermanentError) as info:
+        [r async for r in rf.list()]
+    assert "results (list)" in info.value.message and "count (int)" in info.value.message
+    with pytest.raises(PermanentError):
+        await rf.search("email", "billing@acme.example")
+
+
+# --- mapping --------------------------------------------------------------------------------
+def test_create_and_update_bodies_hold_only_the_documented_fields() -> None:
+    adapter = RequestFinance.__new__(RequestFinance)
+    adapter.config = RequestFinanceConfig(api_key="k")
+    full = acme(first_name="Ann", last_name="Lee", tax_id="T1", website="https://acme.example",
+                notes="n", tags=("t",), currency="EUR", locale="fr", status="archived",
+                shipping_address=Address(country="FR"))  # fmt: skip
+    for body in (adapter.to_wire(full), adapter.to_wire(full, existing=_remote({"jobTitle": "CFO"}))):
+        assert set(body) <= _FIELDS
+        assert set(body["address"]) <= _ADDRESS_FIELDS
+
+
+def _remote(data: dict[str, Any]) -> Any:
+    from worker.providers.base import RemoteClient
+
+    return RemoteClient(id="rf_1", data=data)
+
+
+async def test_the_sandbox_refuses_an_unknown_field_unless_read_as_ignoring_it(
+    rf: RequestFinance, sandbox: RunningSandbox
+) -> None:
+    body = {"email": "x@acme.example", "contactType": ["customer"], "website": "https://x.example"}
+    with pytest.raises(ProviderValidationError) as caught:
+        await rf.request("POST", "/clients", json_body=body)
+    assert set(caught.value.field_errors) == {"website"}
+    sim(sandbox).readings.unknown_fields = "ignore"
+    created = await rf.request("POST", "/clients", json_body=body)
+    assert "website" not in created
+
+
+async def test_clearing_the_clients_phone_clears_it_even_when_the_contact_has_one(rf: RequestFinance) -> None:
+    contact = Contact(first_name="Jeanne", last_name="Martin", phone="+33 6 00 00 00 00", is_primary=True)
+    remote = await rf.create(acme(contacts=(contact,)))
+    assert rf.from_wire(remote.data).phone == "+33 1 23 45 67 89"
+    updated = await rf.update(remote.id, acme(phone=None, contacts=(contact,)))
+    assert rf.from_wire(updated.data).phone is None
+
+
+async def test_update_with_every_field_changed_and_then_cleared(rf: RequestFinance) -> None:
+    remote = await rf.create(acme())
+    changed = acme(name="Acme Group", email="ap@acme-group.example", phone="+44 20", first_name="Ann",
+                   last_name="Lee", vat_number="GB123456789",
+                   billing_address=Address(line1="1 High St", line2="Floor 2", city="London", region="LDN",
+                                           postal_code="EC1A 1BB", country="GB"))  # fmt: skip
+    got = rf.from_wire((await rf.update(remote.id, changed)).data)
+    assert (got.name, got.email, got.phone, got.first_name, got.last_name, got.vat_number) == (
+        "Acme Group", "ap@acme-group.example", "+44 20", "Ann", "Lee", "GB123456789")
+    assert got.billing_address == changed.billing_address
+    cleared = Client(id="acme", kind="individual", email="ap@acme-group.example")
+    got = rf.from_wire((await rf.update(remote.id, cleared)).data)
+    assert (got.name, got.phone, got.first_name, got.last_name, got.vat_number, got.billing_address) == (None,) * 6
+    assert got.kind == "individual"
+
+
+def test_field_map_declares_every_canonical_field() -> None:
+    assert set(RequestFinance.field_map) == set(Client.model_fields)
+    assert all(v.startswith(("sent as ", "not supported", "derived")) for v in RequestFinance.field_map.values())
+
+
+def test_unsupported_fields_names_what_request_finance_cannot_take() -> None:
+    adapter = RequestFinance.__new__(RequestFinance)
+    client = acme(website="https://acme.example", notes="n", tags=("t",), currency="EUR", locale="fr",
+                  status="archived", shipping_address=Address(country="FR"))  # fmt: skip
+    assert adapter.unsupported_fields(client) == [
+        "website", "shipping_address", "currency", "locale", "notes", "tags", "status"]
+    assert adapter.unsupported_fields(acme()) == []
+
+
+# --- identity -------------------------------------------------------------------------------
+async def test_created_at_is_the_createddate(rf: RequestFinance) -> None:
+    before = time.time()
+    remote = await rf.create(acme())
+    created = rf.created_at(remote)
+    assert created is not None and before - 2 <= created <= time.time() + 1
+
+
+async def test_a_configured_stamp_field_is_written_kept_and_searched(
+    sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, id_field="department")
+    remote = await adapter.create(acme(id="crm-7"))
+    await adapter.create(acme(id="crm-8", email="other@acme.example"))
+    assert adapter.stamped(await adapter.get(remote.id)) == "crm-7"
+    await adapter.update(remote.id, acme(id="crm-7", name="Renamed"))
+    assert adapter.stamped(await adapter.get(remote.id)) == "crm-7"
+    assert [r.id for r in await adapter.search("stamp", "crm-7")] == [remote.id]
+
+
+# --- the three unclear endings --------------------------------------------------------------
+ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
+
+
+@pytest.fixture
+def quick(sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> RequestFinance:
+    adapter = make_adapter(NAME, sandbox, session, monkeypatch, timeout=0.5)
+    assert isinstance(adapter, RequestFinance)
+    return adapter
+
+
+async def _unclear(
+    simulator: RequestFinanceSandbox, ending: str, method: str, call: Callable[[], Awaitable[Any]],
+    landed: Callable[[], bool],
+) -> None:
+    simulator.faults.hang_seconds = 1.0
+    simulator.faults.write_match = method
+    setattr(simulator.faults, ending, 1)
+    outcome: BaseException | None = None
+    try:
+        await call()
+    except ProviderUnavailable as exc:
+        outcome = exc
+    else:
+        # aiohttp resends an idempotent PUT once when a reused keep-alive connection drops
+        # (RFC 9112 section 9.3.1.1): the copy got a clean answer.
+        dropped = [c for c in simulator.calls if c.status == 0]
+        assert ending == "drop_after_commit_next" and method == "PUT" and len(dropped) == 1
+        assert [c.status for c in simulator.calls if c.method == "PUT"][-1] == 200
+    assert outcome is None or getattr(outcome, "unclear", False)
+    deadline = time.monotonic() + 20
+    while not landed():
+        assert time.monotonic() < deadline, "the unclear write never landed"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+async def test_an_unclear_create_leaves_one_record_that_the_lookalike_finds(
+    quick: RequestFinance, sandbox: RunningSandbox, ending: str
+) -> None:
+    await quick.create(acme(id="other", email="billing@acme.example", name="Other Co"))  # same email
+    client = acme()
+    since = time.time()
+    await _unclear(sim(sandbox), ending, "POST", lambda: quick.create(client), lambda: len(sim(sandbox).clients) == 2)
+    found = await quick.search("email", "billing@acme.example")
+    assert len(found) == 2, "email is not unique at Request Finance: never exact"
+    assert [r.data["businessName"] for r in await lookalikes(quick, client, since=since)] == ["Acme SAS"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+async def test_an_unclear_update_converges_when_repeated(
+    quick: RequestFinance, sandbox: RunningSandbox, ending: str
+) -> None:
+    remote = await quick.create(acme())
+    changed = acme(name="Acme Group", phone=None)
+    record = sim(sandbox).clients
+    await _unclear(sim(sandbox), ending, "PUT", lambda: quick.update(remote.id, changed),
+                   lambda: record[remote.id].get("businessName") == "Acme Group")  # fmt: skip
+    again = quick.from_wire((await quick.update(remote.id, changed)).data)
+    assert (again.name, again.phone) == ("Acme Group", None)
+    assert len(record) == 1

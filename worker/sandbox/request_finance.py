@@ -1,20 +1,38 @@
 """A Request Finance Clients API simulator (https://docs.request.finance/clients).
 
-Faithful to the docs: raw API key or `Bearer` token + mandatory `X-Network`, `POST` (201 with
-`id`, `createdById`, `createdDate`), full-replace `PUT`, `GET` one, and the list in its older
-unpaginated form (a bare array) and its `format=paginated` form (`take` ≤ 100, `skip`,
-`search` on email or business name). There is no DELETE route (405, as for any unknown method).
+Rules and where they come from (docs.request.finance/clients; the older copy in
+RequestFinance/docs.request.finance:docs/clients.md):
+- Auth: a raw API key or `Bearer` token + mandatory `X-Network` (docs/going-live.md).
+- "Creating a Client": `POST /clients`, 201 with `id`, `createdById`, `createdDate`; `email`
+  and `contactType` (the array `["customer"]`) required; the body is closed over the
+  documented request body (`_FIELDS`, `_ADDRESS_FIELDS`); `address.country` is ISO 3166-1
+  alpha-2.
+- "Updating a Client": `PUT /clients/{id}`, "same as for the creation"; treated as a full
+  replace (the docs do not say).
+- "Retrieving clients": `GET /clients?type=customer` is "not paginated" (a bare array);
+  `&format=paginated` enables `take` (default 25, max 100), `skip`, `search` (email or
+  business name) and returns a total. `GET /clients/{id}`.
+- No DELETE route (405, as for any unknown method).
 
-Assumed where the docs are silent: errors are `{"message", "errors": {field: [...]}}` with
-400 for validation and 404 for an unknown id, and the paginated envelope is
-`{"items": [...], "total": N}`.
+Where the docs are silent, each reading is a switch in `Readings`, settable at run time with
+`POST /request_finance/_sandbox/readings` (JSON body = fields to change; `GET` shows them):
+- `envelope`: the shape of a `format=paginated` answer, never shown by the docs: "items"
+  (default: `{"items": [...], "total": N}`), "data" (`{"data", "total"}`), "clients"
+  (`{"clients", "total"}`), "bare" (the server ignores `format=paginated` and answers the
+  whole array, as the older docs describe), "results" (`{"results", "count"}`, a shape the
+  adapter must refuse loudly rather than read as empty).
+- `unknown_fields`: "reject" (default) answers 400 naming an unknown body field; "ignore"
+  drops it.
+Also assumed: errors are `{"message", "errors": {field: [...]}}` with 400 for validation
+and 404 for an unknown id.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -22,6 +40,20 @@ from worker.sandbox.base import SandboxProvider
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _CREATOR = "sandbox-user-1"
+#: "Creating a Client" request body (docs.request.finance/clients)
+_FIELDS = frozenset({
+    "email", "contactType", "jobTitle", "department", "paymentMethods", "address", "businessName",
+    "firstName", "lastName", "phone", "taxRegistration",
+})  # fmt: skip
+_ADDRESS_FIELDS = frozenset({"streetAddress", "extendedAddress", "city", "postalCode", "region", "country"})
+
+
+@dataclass
+class Readings:
+    """The simulator's choice where the docs leave a behaviour open (see the module docstring)."""
+
+    envelope: Literal["items", "data", "clients", "bare", "results"] = "items"
+    unknown_fields: Literal["reject", "ignore"] = "reject"
 
 
 def _now() -> str:
@@ -43,8 +75,18 @@ def _haystack(record: dict[str, Any]) -> str:
 class RequestFinanceSandbox(SandboxProvider):
     name = "request_finance"
 
-    #: behave like the older API, which ignores `format=paginated` and answers a bare array
-    legacy_list: bool = False
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.readings = Readings()
+
+    @property
+    def legacy_list(self) -> bool:
+        """The older API: `format=paginated` ignored, a bare array answered."""
+        return self.readings.envelope == "bare"
+
+    @legacy_list.setter
+    def legacy_list(self, value: bool) -> None:
+        self.readings.envelope = "bare" if value else "items"
 
     @classmethod
     def default_credentials(cls) -> dict[str, str]:
@@ -67,10 +109,32 @@ class RequestFinanceSandbox(SandboxProvider):
         return _error(401, "Unauthorized")
 
     def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/_sandbox/readings", self._get_readings)
+        app.router.add_post("/_sandbox/readings", self._set_readings)
         app.router.add_post("/clients", self._create)
         app.router.add_get("/clients", self._list)
         app.router.add_get("/clients/{id}", self._get)
         app.router.add_put("/clients/{id}", self._replace)
+
+    # --- control ---------------------------------------------------------------------------
+    async def _get_readings(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.readings))
+
+    async def _set_readings(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body must be a JSON object")
+        known = {f.name for f in fields(Readings)}
+        if not isinstance(body, dict) or set(body) - known:
+            return _error(400, f"unknown readings; known: {', '.join(sorted(known))}")
+        for key, value in body.items():
+            setattr(self.readings, key, value)
+        return web.json_response(asdict(self.readings))
+
+    async def _control_reset(self, request: web.Request) -> web.Response:
+        self.readings = Readings()
+        return await super()._control_reset(request)
 
     # --- handlers ------------------------------------------------------------------------
     async def _create(self, request: web.Request) -> web.Response:
@@ -102,7 +166,7 @@ class RequestFinanceSandbox(SandboxProvider):
     async def _list(self, request: web.Request) -> web.Response:
         q = request.query
         records = [c for c in self.clients.values() if "customer" in c.get("contactType", [])]
-        if q.get("format") != "paginated" or self.legacy_list:
+        if q.get("format") != "paginated" or self.readings.envelope == "bare":
             return web.json_response(records)
         try:
             take, skip = int(q.get("take", "25")), int(q.get("skip", "0"))
@@ -113,7 +177,11 @@ class RequestFinanceSandbox(SandboxProvider):
         term = q.get("search", "").strip().casefold()
         if term:
             records = [c for c in records if term in _haystack(c)]
-        return web.json_response({"items": records[skip : skip + take], "total": len(records)})
+        page, total = records[skip : skip + take], len(records)
+        holder = self.readings.envelope
+        if holder == "results":
+            return web.json_response({"results": page, "count": total})
+        return web.json_response({holder: page, "total": total})
 
     # --- validation ----------------------------------------------------------------------
     async def _valid_body(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
@@ -140,6 +208,16 @@ class RequestFinanceSandbox(SandboxProvider):
                 errors["address.country"] = ["country must be an ISO 3166-1 alpha-2 code"]
         for key in ("id", "createdById", "createdDate"):
             body.pop(key, None)
+        unknown = sorted(set(body) - _FIELDS)
+        if isinstance(address, dict):
+            unknown += sorted(f"address.{k}" for k in set(address) - _ADDRESS_FIELDS)
+        if unknown and self.readings.unknown_fields == "reject":
+            errors.update({k: [f"{k} is not an allowed field"] for k in unknown})
+        for key in unknown:
+            if key.startswith("address.") and isinstance(address, dict):
+                address.pop(key.removeprefix("address."))
+            else:
+                body.pop(key)
         if errors:
             return {}, _error(400, "Validation failed", errors)
         return body, None
