@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiohttp
 import pytest
 
@@ -14,6 +17,7 @@ from worker.errors import (
     ProviderValidationError,
     TransientError,
 )
+from worker.identity import exact_matches
 from worker.models import Address, Client, Contact
 from worker.providers.grow_crm import GrowCRM, GrowCRMConfig
 from worker.sandbox.base import Faults
@@ -31,9 +35,7 @@ def acme(**changes: object) -> Client:
         "phone": "+1 555 0100",
         "billing_address": Address(line1="1 Market St", city="San Francisco", region="CA", country="US"),
         "tags": ("priority",),
-        "contacts": (
-            Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", is_primary=True),
-        ),
+        "contacts": (Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", is_primary=True),),
     }
     base.update(changes)
     return Client.model_validate(base)
@@ -117,9 +119,7 @@ async def test_an_archived_client_is_created_then_suspended(grow: GrowCRM, sandb
 # --- update: PATCH + separate actions -------------------------------------------------------
 async def test_every_patch_carries_client_company_name(grow: GrowCRM, sandbox: RunningSandbox) -> None:
     remote = await grow.create(acme())
-    person = Client(
-        id="acme", kind="individual", first_name="Jane", last_name="Roe", email="jane@acme.example"
-    )
+    person = Client(id="acme", kind="individual", first_name="Jane", last_name="Roe", email="jane@acme.example")
     updated = await grow.update(remote.id, acme(phone="+1 555 0199"))
     assert updated.data["phone"] == "+1 555 0199"
     updated = await grow.update(remote.id, person.model_copy(update={"tags": ("priority",)}))
@@ -144,8 +144,7 @@ async def test_changed_tags_and_status_are_separate_puts(grow: GrowCRM, sandbox:
     remote = await grow.create(acme())
     sim(sandbox).calls.clear()
     updated = await grow.update(remote.id, acme(tags=("retainer", "vip"), status="archived"))
-    assert writes(sandbox) == [
-        f"PATCH /grow_crm/clients/{remote.id}",
+    assert writes(sandbox) == [  # the client fields did not change: no PATCH
         f"PUT /grow_crm/clients/{remote.id}/tags",
         f"PUT /grow_crm/clients/{remote.id}/status",
     ]
@@ -153,7 +152,7 @@ async def test_changed_tags_and_status_are_separate_puts(grow: GrowCRM, sandbox:
     assert updated.data["status"] == "suspended"
     sim(sandbox).calls.clear()
     await grow.update(remote.id, acme(tags=(), status="active"))
-    assert writes(sandbox)[1:] == [
+    assert writes(sandbox) == [
         f"PUT /grow_crm/clients/{remote.id}/tags",
         f"PUT /grow_crm/clients/{remote.id}/status",
     ]
@@ -216,17 +215,15 @@ async def test_a_non_numeric_id_is_not_found_without_a_call(grow: GrowCRM, sandb
     assert sim(sandbox).calls == []
 
 
-async def test_find_by_email_goes_through_the_contacts_search(grow: GrowCRM, sandbox: RunningSandbox) -> None:
-    other = acme(
-        id="o", name="Other", contacts=(Contact(first_name="J", last_name="D", email="xjane@acme.example"),)
-    )
+async def test_search_by_email_goes_through_the_contacts_search(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    other = acme(id="o", name="Other", contacts=(Contact(first_name="J", last_name="D", email="xjane@acme.example"),))
     await grow.create(other)
     wanted = await grow.create(acme())
-    found = await grow.find(acme(name="Renamed Inc", email="JANE@acme.example"))
-    assert found is not None
+    [found] = await grow.search("email", "JANE@acme.example")
     assert found.id == wanted.id
     assert found.data["company_name"] == "Acme Inc"
-    assert await grow.find(acme(contacts=(), email="nobody@acme.example")) is None
+    assert [r.id for r in await exact_matches(grow, acme(name="Renamed Inc"))] == [wanted.id]
+    assert await grow.search("email", "nobody@acme.example") == []
 
 
 async def test_list_walks_page_and_limit_until_the_last_page(grow: GrowCRM, sandbox: RunningSandbox) -> None:
@@ -268,9 +265,7 @@ async def test_a_409_fault_on_update_is_permanent_too(grow: GrowCRM, sandbox: Ru
     assert not caught.value.retryable
 
 
-async def test_a_wrong_key_gets_the_documented_401(
-    sandbox: RunningSandbox, session: aiohttp.ClientSession
-) -> None:
+async def test_a_wrong_key_gets_the_documented_401(sandbox: RunningSandbox, session: aiohttp.ClientSession) -> None:
     config = GrowCRMConfig(url=sandbox.base_url(NAME), api_key="wrong")
     with pytest.raises(AuthError, match="A valid API key is required"):
         await GrowCRM(config, session).get("1")
@@ -290,3 +285,230 @@ def test_the_url_is_required_because_grow_crm_is_self_hosted(monkeypatch: pytest
     assert "CLIENTSYNC_GROW_CRM_API_KEY" in config.missing()
     monkeypatch.setenv("CLIENTSYNC_GROW_CRM_URL", "https://crm.example/api")
     assert GrowCRMConfig().is_configured()
+
+
+# --- the people: the account owner and the other contacts are client users ---------------------------
+def people(sandbox: RunningSandbox) -> list[tuple[str, str, str | None, str | None, bool]]:
+    """(first, last, email, phone, is owner) of every live user, oldest first."""
+    s = sim(sandbox)
+    owners = {c["owner"]["id"] for c in s.clients.values()}
+    return [
+        (u["first_name"], u["last_name"], u["email"], u["phone"], u["id"] in owners)
+        for u in sorted(s.users.values(), key=lambda u: u["id"])
+        if not u["deleted"]
+    ]
+
+
+async def test_a_changed_email_and_name_reach_the_owner_user_and_the_client_is_found_by_it(
+    grow: GrowCRM, sandbox: RunningSandbox
+) -> None:
+    remote = await grow.create(acme())
+    moved = Contact(first_name="Janet", last_name="Roe", email="janet@acme.example", is_primary=True)
+    await grow.update(remote.id, acme(contacts=(moved,)))
+    assert people(sandbox) == [("Janet", "Roe", "janet@acme.example", None, True)]
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert (got.first_name, got.last_name, got.email) == ("Janet", "Roe", "janet@acme.example")
+    assert [r.id for r in await grow.search("email", "janet@acme.example")] == [remote.id]
+    assert await grow.search("email", "jane@acme.example") == []
+
+
+async def test_contacts_are_created_updated_and_deleted_as_client_users(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    jane = Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", phone="+1 1", is_primary=True)
+    bob = Contact(first_name="Bob", last_name="Bee", email="bob@acme.example")
+    remote = await grow.create(acme(contacts=(jane, bob)))
+    assert people(sandbox) == [
+        ("Jane", "Doe", "jane@acme.example", "+1 1", True),
+        ("Bob", "Bee", "bob@acme.example", None, False),
+    ]
+    carol = Contact(first_name="Carol", last_name="Sea", email="carol@acme.example")
+    await grow.update(remote.id, acme(contacts=(jane, bob.model_copy(update={"phone": "+1 2"}), carol)))
+    await grow.update(remote.id, acme(contacts=(jane, carol)))
+    assert people(sandbox) == [
+        ("Jane", "Doe", "jane@acme.example", "+1 1", True),
+        ("Carol", "Sea", "carol@acme.example", None, False),
+    ]
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert [(c.email, c.is_primary) for c in got.contacts] == [
+        ("jane@acme.example", True),
+        ("carol@acme.example", False),
+    ]
+
+
+async def test_a_new_owner_who_is_already_a_user_is_promoted_not_duplicated(
+    grow: GrowCRM, sandbox: RunningSandbox
+) -> None:
+    jane = Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", is_primary=True)
+    bob = Contact(first_name="Bob", last_name="Bee", email="bob@acme.example")
+    remote = await grow.create(acme(contacts=(jane, bob)))
+    sim(sandbox).calls.clear()
+    await grow.update(remote.id, acme(contacts=(bob.model_copy(update={"is_primary": True}), jane)))
+    assert people(sandbox) == [
+        ("Jane", "Doe", "jane@acme.example", None, False),
+        ("Bob", "Bee", "bob@acme.example", None, True),
+    ]
+    assert [w for w in writes(sandbox) if "contacts" in w] == ["PUT /grow_crm/contacts/101/account-owner"]
+
+
+async def test_an_unchanged_update_writes_nothing(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme(status="archived"))
+    sim(sandbox).calls.clear()
+    await grow.update(remote.id, acme(status="archived"))
+    assert writes(sandbox) == []
+    assert len(sim(sandbox).calls) == 2, "one read of the client, one of its users"
+
+
+async def test_update_with_every_field_changed_then_cleared(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme(notes="n", website="https://a.example", vat_number="US1"))
+    changed = acme(
+        name="Other Co", phone="+1 9", website="https://b.example", vat_number="US2", notes="Changed.",
+        billing_address=Address(line1="9 Rue X", city="Lyon", region="ARA", postal_code="69001", country="FR"),
+        tags=("new",), status="archived",
+        contacts=(Contact(first_name="Zed", last_name="Zee", email="zed@other.example", phone="+1 8"),),
+    )  # fmt: skip
+    await grow.update(remote.id, changed)
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert got.model_dump(exclude={"id", "contacts"}) == changed.model_dump(exclude={"id", "contacts"}) | {
+        "first_name": "Zed", "last_name": "Zee", "email": "zed@other.example"
+    }  # fmt: skip
+    assert [(c.email, c.phone) for c in got.contacts] == [("zed@other.example", "+1 8")]
+
+    cleared = Client(id="acme", kind="individual", first_name="Zed", last_name="Zee", email="zed@other.example")
+    await grow.update(remote.id, cleared)
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert got.model_dump(exclude={"id", "kind", "contacts"}) == cleared.model_dump(
+        exclude={"id", "kind", "contacts"}
+    ) | {"name": "Zed Zee"}
+    assert [(c.email, c.phone) for c in got.contacts] == [("zed@other.example", None)]
+
+
+# --- the strict sandbox and the readings the docs leave open --------------------------------------------
+async def test_the_strict_sandbox_refuses_undocumented_fields(grow: GrowCRM, sandbox: RunningSandbox) -> None:
+    remote = await grow.create(acme())
+    with pytest.raises(ProviderValidationError) as caught:
+        await grow.request(
+            "PATCH", f"/clients/{remote.id}", json_body={"client_company_name": "X", "email": "a@b.example"}
+        )
+    assert set(caught.value.field_errors) == {"email"}, "PATCH has no user fields"
+    with pytest.raises(ProviderValidationError) as caught:
+        await grow.request("POST", "/contacts", json_body={"first_name": "A", "clientid": int(remote.id)})
+    assert set(caught.value.field_errors) == {"last_name", "email"}
+
+
+@pytest.mark.parametrize(
+    "reading",
+    [{"unknown_fields": "reject", "patch_omitted": "keep"}, {"unknown_fields": "ignore", "patch_omitted": "clear"}],
+    ids=["strict-keep", "lenient-clear"],
+)
+async def test_the_adapter_works_under_each_reading(
+    grow: GrowCRM, sandbox: RunningSandbox, session: aiohttp.ClientSession, reading: dict[str, Any]
+) -> None:
+    async with session.post(f"{sandbox.base_url(NAME)}/_sandbox/settings", json=reading) as resp:
+        assert resp.status == 200
+    remote = await grow.create(acme(website="https://a.example"))
+    await grow.update(remote.id, acme(phone="+1 7", website="https://a.example"))
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert (got.phone, got.website, got.billing_address) == ("+1 7", "https://a.example", acme().billing_address)
+    await grow.update(remote.id, acme(phone=None, website="https://a.example"))
+    got = grow.from_wire((await grow.get(remote.id)).data)
+    assert (got.phone, got.website) == (None, "https://a.example")
+
+
+# --- the three unclear endings of every write path --------------------------------------------------------
+ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
+PATHS = {
+    "create": "POST /grow_crm/clients",
+    "patch": "PATCH /grow_crm/clients",
+    "tags": "/tags",
+    "status": "/status",
+    "owner_email": "PATCH /grow_crm/contacts",
+    "promote": "/account-owner",
+    "add_contact": "POST /grow_crm/contacts",
+    "drop_contact": "DELETE /grow_crm/contacts",
+    "delete": "DELETE /grow_crm/clients",
+}
+JANE = Contact(first_name="Jane", last_name="Doe", email="jane@acme.example", is_primary=True)
+BOB = Contact(first_name="Bob", last_name="Bee", email="bob@acme.example")
+BEFORE = acme(contacts=(JANE, BOB))
+AFTER = {
+    "create": BEFORE,
+    "patch": acme(phone="+1 555 0199", contacts=(JANE, BOB)),
+    "tags": acme(tags=("vip",), contacts=(JANE, BOB)),
+    "status": acme(status="archived", contacts=(JANE, BOB)),
+    "owner_email": acme(contacts=(JANE.model_copy(update={"email": "jane@new.example"}), BOB)),
+    "promote": acme(contacts=(BOB.model_copy(update={"is_primary": True}), JANE)),
+    "add_contact": acme(contacts=(JANE, BOB, Contact(first_name="C", last_name="D", email="c@acme.example"))),
+    "drop_contact": acme(contacts=(JANE,)),
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_an_unclear_write_raises_unclear_and_the_retry_converges(
+    sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, ending: str, path: str
+) -> None:
+    grow = make_adapter(NAME, sandbox, session, monkeypatch, timeout=0.5)
+    assert isinstance(grow, GrowCRM)
+    s = sim(sandbox)
+    remote = None if path == "create" else await grow.create(BEFORE)
+    before = len(s.calls)
+    setattr(s.faults, ending, 1)
+    s.faults.write_match, s.faults.hang_seconds = PATHS[path], 1.0
+
+    async def act() -> None:
+        if path == "delete":
+            assert remote is not None
+            await grow.delete(remote.id)
+        elif path == "create":
+            await grow.create(BEFORE)
+        else:
+            assert remote is not None
+            await grow.update(remote.id, AFTER[path])
+
+    unclear: TransientError | NotFound | None = None
+    try:
+        await act()
+    except (TransientError, NotFound) as exc:
+        unclear = exc
+    if isinstance(unclear, TransientError):
+        assert unclear.unclear
+    else:
+        # aiohttp resends an idempotent PUT/PATCH/DELETE once when a reused connection drops;
+        # the resent client DELETE then finds nothing: 404, which counts as deleted.
+        assert ending == "drop_after_commit_next" and not PATHS[path].startswith("POST")
+        assert 0 in [c.status for c in s.calls]
+        assert unclear is None or path == "delete"
+    for _ in range(400):  # the sandbox logs the faulted write once it has applied it (late too)
+        if any(PATHS[path] in f"{c.method} {c.path}" for c in s.calls[before:]):
+            break
+        await asyncio.sleep(0.025)
+    else:
+        raise AssertionError("the write never landed")
+    # The retry: settle by the exact key (what worker.identity does), then repeat the change.
+    if path == "delete":
+        with pytest.raises(NotFound):
+            await grow.delete(remote.id if remote else "0")
+        assert s.clients == {}
+        return
+    [found] = await exact_matches(grow, BEFORE if path != "owner_email" else AFTER[path])
+    await grow.update(found.id, AFTER[path])
+    assert len(s.clients) == 1, "no second client"
+    got = grow.from_wire((await grow.get(found.id)).data)
+    want = AFTER[path]
+    assert sorted((c.email, c.is_primary) for c in got.contacts) == sorted(
+        (c.email, c is want.primary_contact) for c in want.contacts
+    ), "no duplicate, missing or stale user"
+    assert (got.phone, got.tags, got.status) == (want.phone, want.tags, want.status)
+
+
+# --- nothing dropped silently -----------------------------------------------------------------------------
+def test_the_field_map_covers_every_canonical_field() -> None:
+    assert list(GrowCRM.field_map) == list(Client.model_fields)
+    assert all(v.startswith(("sent as ", "not supported", "derived")) for v in GrowCRM.field_map.values())
+
+
+def test_unsupported_fields_names_what_grow_cannot_hold(grow: GrowCRM) -> None:
+    assert grow.unsupported_fields(acme()) == []
+    shipping = Address(city="Paris", country="FR")
+    nameless = Contact(email="x@acme.example")
+    client = acme(currency="EUR", locale="fr", shipping_address=shipping, contacts=(JANE, nameless))
+    assert grow.unsupported_fields(client) == ["shipping_address", "currency", "locale", "contacts"]

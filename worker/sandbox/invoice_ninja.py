@@ -127,7 +127,10 @@ class InvoiceNinjaSandbox(SandboxProvider):
         return web.json_response(asdict(self.readings))
 
     async def _set_readings(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
         known = {f.name for f in fields(Readings)}
         if not isinstance(body, dict) or set(body) - known:
             return web.json_response({"message": f"known settings: {', '.join(sorted(known))}"}, status=400)
