@@ -25,6 +25,9 @@ from worker.providers.base import ProviderAdapter, RemoteClient
 
 #: a provider's clock and ours may disagree a little: "created at or after the intent" allows this
 CLOCK_SKEW_SECONDS = 120.0
+#: providers report creation times to the second (LSP.expert): "created before clientsync first
+#: wrote here" must be clear of that rounding, or clientsync's own first records would qualify
+CREATED_RESOLUTION_SECONDS = 2.0
 
 
 def field_value(client: Client, key: str) -> str | None:
@@ -81,15 +84,21 @@ async def lookalikes(adapter: ProviderAdapter, client: Client, *, since: float |
     return list(found.values())
 
 
-async def namesakes(adapter: ProviderAdapter, client: Client) -> list[RemoteClient]:
-    """Records found by non-unique fields that carry no stamp at all: possibly this client,
-    created outside clientsync; an operator decides."""
+async def namesakes(adapter: ProviderAdapter, client: Client, *, before: float) -> list[RemoteClient]:
+    """Records found by non-unique fields that carry no stamp at all and were created before
+    `before` (when clientsync first wrote to this provider; records whose creation time the
+    provider does not say count too): possibly this client, made by hand before clientsync
+    ran. An operator decides. Records created since are clientsync's own: linked to their
+    client, or settled by their create's intent."""
     found: dict[str, RemoteClient] = {}
     for key in adapter.identity.similar:
         value = field_value(client, key)
         if not value:
             continue
         for remote in await adapter.search(key, value):
-            if adapter.stamp_field is None or adapter.stamped(remote) is None:
+            if adapter.stamp_field is not None and adapter.stamped(remote) is not None:
+                continue
+            created = adapter.created_at(remote)
+            if created is None or created < before - CREATED_RESOLUTION_SECONDS:
                 found.setdefault(remote.id, remote)
     return list(found.values())

@@ -43,6 +43,13 @@ def record_owner(provider: str, provider_id: str) -> str:
     return f"{PREFIX}owner:{provider}:{provider_id}"
 
 
+def provider_epoch(provider: str) -> str:
+    """Unix seconds clientsync first wrote to this provider (set once, never expires): records
+    created before it may be namesakes of a client made by hand; records created after it are
+    clientsync's own (linked, or settled by their create's intent)."""
+    return f"{PREFIX}epoch:{provider}"
+
+
 def client_lock(provider: str, client_id: str) -> str:
     return f"{PREFIX}lock:{provider}:{client_id}"
 

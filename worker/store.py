@@ -374,6 +374,11 @@ class SyncStore:
         await self._resolve(keys=[keys.client_state(provider, client_id)],
                             args=[json.dumps(resolution, sort_keys=True)])
 
+    async def provider_epoch(self, provider: str, now: float) -> float:
+        """When clientsync first wrote to `provider` (recorded now if never): one round trip."""
+        raw = await self.redis.eval(_EPOCH, 1, keys.provider_epoch(provider), f"{now:.3f}")
+        return float(_text(raw))
+
     async def link(self, provider: str, client_id: str) -> str | None:
         value = await self.redis.hget(keys.client_state(provider, client_id), "link")
         return value.decode() if isinstance(value, bytes) else value
@@ -395,4 +400,10 @@ if other and other ~= ARGV[2] then return other end
 redis.call('HSET', KEYS[1], 'link', ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 return 'ok'
+"""
+
+# KEYS: the provider's epoch; ARGV: now (unix seconds)
+_EPOCH = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 """

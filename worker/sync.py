@@ -259,7 +259,8 @@ class _Run:
             # Onboarding: records that share a non-unique key (an email, a name) and that no
             # stamp claims may be this client, made before clientsync ran. Never adopted on a
             # guess, never duplicated on a guess: an operator decides.
-            others = await self._unowned(await namesakes(self.adapter, self.client))
+            epoch = await self.store.provider_epoch(self.adapter.name, time.time())
+            others = await self._unowned(await namesakes(self.adapter, self.client, before=epoch))
             if others:
                 raise self._ambiguous(others, "share its non-unique keys and may already be it")
         return await self._create()

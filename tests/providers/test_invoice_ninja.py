@@ -174,10 +174,11 @@ async def test_the_source_id_is_stamped_into_number_on_create_and_update_and_not
     adapter: InvoiceNinja, sim: InvoiceNinjaSandbox
 ) -> None:
     remote = await adapter.create(rich())
-    assert sim.clients[remote.id]["number"] == "engines"
+    assert sim.clients[remote.id]["number"] == "cs:engines"  # prefixed: IN numbers clients itself
     sim.clients[remote.id]["number"] = "0042"  # someone renumbers it in the UI
+    assert adapter.stamped(await adapter.get(remote.id)) is None  # IN's own numbers are nobody's stamp
     await adapter.update(remote.id, rich(phone="+39 1"))
-    assert sim.clients[remote.id]["number"] == "engines"
+    assert sim.clients[remote.id]["number"] == "cs:engines"
     record = await adapter.get(remote.id)
     assert adapter.stamped(record) == "engines"
     assert "engines" not in adapter.from_wire(record.data).model_dump().values()
@@ -188,7 +189,7 @@ async def test_search_by_stamp_tax_id_email_and_name_is_exact_across_pages(
 ) -> None:
     for i in range(103):  # more than a page of 100 share the email and part of the name
         await adapter.create(rich(id=f"c{i}", tax_id=f"TAX-{i}", name=f"Engines {i}"))
-    assert [r.data["number"] for r in await adapter.search("stamp", "c7")] == ["c7"]
+    assert [r.data["number"] for r in await adapter.search("stamp", "c7")] == ["cs:c7"]
     assert [r.data["id_number"] for r in await adapter.search("tax_id", "TAX-1")] == ["TAX-1"]
     assert len(await adapter.search("email", "ADA@engines.example")) == 103
     assert [r.data["name"] for r in await adapter.search("name", "Engines 10")] == ["Engines 10"]
@@ -204,7 +205,7 @@ async def test_a_custom_value_stamp_is_searched_through_filter_and_rechecked(
     assert isinstance(adapter, InvoiceNinja)
     a = await adapter.create(rich(id="src-1", tax_id="T1"))
     await adapter.create(rich(id="src-10", tax_id="T10"))
-    assert a.data["custom_value2"] == "src-1"
+    assert a.data["custom_value2"] == "cs:src-1"
     assert [r.id for r in await adapter.search("stamp", "src-1")] == [a.id]
     assert [r.id for r in await exact_matches(adapter, rich(id="src-1", tax_id="T1"))] == [a.id]
 
@@ -557,7 +558,7 @@ async def test_an_unclear_write_raises_unclear_and_its_repeat_converges(
     if path == "delete":
         assert record["is_deleted"]
     else:
-        assert (record["phone"], record["number"]) == ("+39 7" if path != "create" else rich().phone, "engines")
+        assert (record["phone"], record["number"]) == ("+39 7" if path != "create" else rich().phone, "cs:engines")
         assert bool(record["archived_at"]) == (path == "archive")
 
 

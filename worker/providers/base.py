@@ -168,6 +168,9 @@ class ProviderAdapter(ABC):
     busy_on_409: ClassVar[bool] = False
     #: how a record is recognised as one source client's (see `Identity`)
     identity: ClassVar[Identity] = Identity()
+    #: written before the source id in the stamp field, so a value the provider or a person put
+    #: there (Invoice Ninja numbers every client itself) is never read as a source id
+    STAMP_PREFIX: ClassVar[str] = "cs:"
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
@@ -285,16 +288,25 @@ class ProviderAdapter(ABC):
     async def search(self, key: str, value: str) -> list[RemoteClient]:
         """Every live record whose `key` equals `value` exactly (the adapter re-checks locally
         whatever the API's filter does). `key` is "stamp" or a canonical field named in
-        `identity.unique` / `identity.similar`. An answer of an unknown shape raises
+        `identity.unique` / `identity.similar`; for "stamp" the value is the source client id (search
+        for `stamp_value(value)`). An answer of an unknown shape raises
         `PermanentError`, never an empty list."""
         raise NotImplementedError(f"{self.name} declares no searchable identity keys")
 
+    def stamp_value(self, client_id: str) -> str:
+        """What the stamp field holds for `client_id` (written on create and update, searched exactly)."""
+        return f"{self.STAMP_PREFIX}{client_id}"
+
     def stamped(self, remote: RemoteClient) -> str | None:
-        """The source client id stamped in a record (None: not stamped, or no stamp field)."""
+        """The source client id clientsync stamped in a record (None: no stamp of ours, or no
+        stamp field). A value without our prefix is someone else's use of the field."""
         field_name = self.stamp_field
         if field_name is None:
             return None
-        return wire_text(remote.data.get(field_name))
+        raw = wire_text(remote.data.get(field_name))
+        if raw is None or not raw.startswith(self.STAMP_PREFIX):
+            return None
+        return raw[len(self.STAMP_PREFIX):] or None
 
     def created_at(self, remote: RemoteClient) -> float | None:
         """When the provider created the record (unix seconds), if it says."""

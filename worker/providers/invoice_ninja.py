@@ -253,7 +253,7 @@ class InvoiceNinja(ProviderAdapter):
 
         values = {"name": client.display_name, **{w: getattr(client, f) for w, f in _SCALARS.items()}}
         if self.stamp_field:
-            values[self.stamp_field] = client.id
+            values[self.stamp_field] = self.stamp_value(client.id)
         for prefix, address in (("", client.billing_address), ("shipping_", client.shipping_address)):
             values.update({f"{prefix}{k}": getattr(address, f, None) for k, f in _ADDRESS.items()})
         for i, contact in enumerate(_wanted_contacts(client)):
@@ -297,7 +297,7 @@ class InvoiceNinja(ProviderAdapter):
             settings["currency_id"] = str(_CURRENCIES.index(client.currency) + 1)
             body["settings"] = settings
         if self.stamp_field:
-            body[self.stamp_field] = client.id  # overwrites whatever the field held (tax_id too)
+            body[self.stamp_field] = self.stamp_value(client.id)  # overwrites whatever the field held (tax_id too)
         return body
 
     def from_wire(self, data: dict[str, Any]) -> Client:
@@ -371,6 +371,8 @@ class InvoiceNinja(ProviderAdapter):
     # --- identity ------------------------------------------------------------------------------
     async def search(self, key: str, value: str) -> list[RemoteClient]:
         field = self.stamp_field if key == "stamp" else {"tax_id": "id_number"}.get(key, key)
+        if key == "stamp":
+            value = self.stamp_value(value)
         if field is None or (key == "tax_id" and self.stamp_field == "id_number"):
             return []  # no stamp field / id_number carries the stamp, not the tax id
         return [
@@ -410,8 +412,9 @@ class InvoiceNinja(ProviderAdapter):
         """The one record stamped with `client.id`, deleted ones included (a 422 on our stamp)."""
         field = self.stamp_field
         assert field is not None
-        params = {**_filter(field, client.id), "status": "active,archived,deleted"}
-        found = [r async for r in self._pages(params, 100) if _has(r, field, client.id)]
+        stamp = self.stamp_value(client.id)
+        params = {**_filter(field, stamp), "status": "active,archived,deleted"}
+        found = [r async for r in self._pages(params, 100) if _has(r, field, stamp)]
         return RemoteClient(id=str(found[0]["id"]), data=found[0]) if len(found) == 1 else None
 
     async def _know_home_country(self, client: Client, existing: RemoteClient | None) -> None:

@@ -208,7 +208,7 @@ class LSPExpert(ProviderAdapter):
         }  # fmt: skip
         kept = {k: v for k, v in body.items() if v is not None}
         if self.stamp_field:
-            kept[self.stamp_field] = client.id
+            kept[self.stamp_field] = self.stamp_value(client.id)
         if not update:
             return kept
         # a partial PUT keeps omitted fields: say "empty" for what the source cleared (not currency)
@@ -289,7 +289,7 @@ class LSPExpert(ProviderAdapter):
             field_name = self.stamp_field
             if field_name is None:
                 return []
-            return [r async for r in self.list() if wire_text(r.data.get(field_name)) == want]
+            return [r async for r in self.list() if self.stamped(r) == want]
         if key == "email":
             folded = want.casefold()
             return [

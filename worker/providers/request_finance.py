@@ -167,7 +167,7 @@ class RequestFinance(ProviderAdapter):
         if existing is not None:
             body.update({k: existing.data[k] for k in _UNOWNED if existing.data.get(k) is not None})
         if self.stamp_field:
-            body[self.stamp_field] = client.id
+            body[self.stamp_field] = self.stamp_value(client.id)
         return _compact(body)
 
     def from_wire(self, data: dict[str, Any]) -> Client:
@@ -228,7 +228,7 @@ class RequestFinance(ProviderAdapter):
                 return []
             # No filter reaches that field: every page is read.
             pages = self._pages({}, _MAX_TAKE)
-            return [r async for r in pages if (wire_text(r.data.get(field_name)) or "").casefold() == want]
+            return [r async for r in pages if self.stamped(r) == value.strip()]
         raise ValueError(f"{self.name} cannot search by {key!r}")
 
     def created_at(self, remote: RemoteClient) -> float | None:
