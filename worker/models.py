@@ -180,7 +180,9 @@ def change_json_schema() -> dict[str, Any]:
     return schema
 
 
-_ANY_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+\.[A-Za-z]{2,}")
+# Bounded parts (RFC 5321 lengths): unbounded ones made masking a long text without '@'
+# quadratic, and a 1 MB log line or queue entry wedged the process.
+_ANY_EMAIL = re.compile(r"[^@\s\"'<>(),;:]{1,64}@[^@\s\"'<>(),;:]{1,255}\.[A-Za-z]{2,63}")
 
 
 def mask_emails(text: str) -> str:
