@@ -508,9 +508,11 @@ class Monitor:
                 pipe.zrange(keys.jobs_of_provider_in_state(p, "retrying"), 0, 0, withscores=True)
                 await self._peek(keys=[keys.circuit(p)], client=pipe)
                 await self._peek(keys=[keys.rate_bucket(p)], client=pipe)
+            pipe.hgetall(keys.DEAD_LETTERS)
             replies = await pipe.execute()
         depth = int(replies[0])
-        out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {}}
+        out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {},
+                               "dead_letters": {_text(k): int(v) for k, v in replies[-1].items()}}
         i = 1
         for p in providers:
             counts = {s: int(replies[i + n]) for n, s in enumerate(STATES)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +24,7 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
+from worker import safejson
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
 from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
 from worker.web import app as appmod
@@ -154,9 +154,11 @@ async def _json_body(request: web.Request, *, required: bool) -> dict[str, Any]:
             raise InvalidParam("body", "must be a JSON object")
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidParam("body", "is not valid JSON") from exc
+        data = safejson.loads(raw)
+    except safejson.JsonError as exc:
+        rule = (f"is nested deeper than {safejson.MAX_DEPTH} levels (the limit)" if "deeper" in str(exc)
+                else "is not valid JSON")
+        raise InvalidParam("body", rule) from exc
     if not isinstance(data, dict):
         raise InvalidParam("body", "must be a JSON object")
     return data
