@@ -329,8 +329,14 @@ class Gate:
         attempt = Attempt(1, time.time(), "dead", reason, None, message)
         fields = dead_letter_fields(readable(entry), attempt, reason=reason, stage=stage, task_id=task_id)
         try:
-            self._dead_letter(keys=[keys.DEAD_LETTERS], args=[job_id, now_ms(), json.dumps(fields),
-                                                              attempt.to_json(), self.max_jobs, reason])
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._dead_letter(keys=[keys.DEAD_LETTERS], args=[job_id, now_ms(), json.dumps(fields),
+                                                                  attempt.to_json(), self.max_jobs, reason],
+                                  client=pipe)
+                if task_id:  # a message clientsync pushed is tracked until it starts: it ended here
+                    pipe.zrem(keys.INFLIGHT, task_id)
+                    pipe.hdel(keys.INFLIGHT_MESSAGES, task_id)
+                pipe.execute()
         except redis.RedisError as exc:
             # The entry is already off the list; without Redis the log line is all that is left.
             log.error("could not record dead letter %s (%s) from %s: %s; entry: %s", job_id, reason, queue, exc,
