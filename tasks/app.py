@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from tasks import intake
+from worker import logsafe
 from worker.settings import Settings
 
 
@@ -25,7 +27,12 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         # strands few, and long jobs do not starve other workers.
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
+        # kombu's Redis transport with the intake gate in front (tasks.intake): no entry on the
+        # queue, however malformed, reaches Celery's parsing or kills a worker; it becomes a
+        # dead letter in the ledger instead.
+        broker_transport="tasks.intake:Transport",
         broker_transport_options={
+            intake.OPTION: {"redis_url": broker_url, "max_jobs": settings.ledger_max_jobs},
             # Unacked messages come back after this long. Retries never wait as unacked ETA
             # messages (they would be redelivered early and run twice): they are parked in
             # Redis (worker.parking) and pushed back onto the queue when due.
@@ -48,6 +55,8 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
 
 
 def _default_app() -> Celery:
+    # Before Celery or kombu log anything: no line carries a full email or a secret.
+    logsafe.install()
     settings = Settings()
     # `clientsync worker` refuses to start without CLIENTSYNC_REDIS_URL; this fallback only
     # serves tooling that imports the app (e.g. `celery -A tasks.app inspect`).

@@ -89,7 +89,7 @@ class Runtime:
         owner = f"{socket.gethostname()}:{self.pid}"
         self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
         ledger = Ledger(self.redis, max_jobs=s.ledger_max_jobs, max_age_seconds=s.ledger_max_age_seconds,
-                        trim_every=s.ledger_trim_every)
+                        trim_every=s.ledger_trim_every, change_ttl_seconds=s.ledger_change_ttl_seconds)
         self._trim_task = asyncio.get_running_loop().create_task(
             ledger.run_retention(s.ledger_trim_interval_seconds))
         return JobContext(

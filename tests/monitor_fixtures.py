@@ -11,7 +11,7 @@ from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange
 from worker.settings import Settings
 
-TOKEN = "test-monitor-token-0123456789"
+TOKEN = "test-monitor-token-0123456789-abcdefghij"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -101,6 +101,7 @@ async def test_a_webhook_signed_by_the_reference_package_is_queued(
     signature = standardwebhooks.Webhook(SECRET).sign(msg_id, now, payload.decode())
     resp = await client.post("/webhooks/clients", data=payload, headers={
         "Webhook-Id": msg_id, "WEBHOOK-TIMESTAMP": str(int(now.timestamp())), "webhook-SIGNATURE": signature,
+        "Content-Type": "application/json",
     })
     assert resp.status == 202, await resp.text()
     assert (await resp.json())["event_id"] == "evt-ref-1"

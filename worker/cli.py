@@ -41,6 +41,9 @@ def _require_redis(settings: Settings) -> str:
 
 
 def _logging(level: str) -> None:
+    from worker import logsafe
+
+    logsafe.install()  # emails and secrets masked in every log line
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

@@ -137,3 +137,27 @@ INFLIGHT = f"{PREFIX}inflight"
 INFLIGHT_MESSAGES = f"{PREFIX}inflight:msg"
 #: kombu's Redis transport keeps delivered, unacked messages here (kombu's default key name)
 KOMBU_UNACKED = "unacked"
+
+# --- intake (tasks.intake, worker.parking, worker.web): poison-proof queue and operator doors ---
+#: hash reason -> count of dead letters (messages that never became a valid job): /metrics
+DEAD_LETTERS = f"{PREFIX}stats:dead_letters"
+
+#: the HMAC key that marks `clientsync.apply_change` messages as made by clientsync
+#: (created once, at random, by the first process that needs it; see worker.parking)
+TASK_KEY = f"{PREFIX}task-key"
+
+
+def dashboard_session(session_id: str) -> str:
+    """One signed-in dashboard session (value: expiry, unix s); deleted on logout."""
+    return f"{PREFIX}session:{session_id}"
+
+
+def auth_failures(client: str) -> str:
+    """Counter of wrong monitor tokens from one client address (expires `AUTH_FAILURE_WINDOW_SECONDS`)."""
+    return f"{PREFIX}authfail:{client}"
+
+
+AUTH_FAILURE_WINDOW_SECONDS = 15 * 60
+
+#: hash state -> score (ms) up to which finished jobs' stored changes were already dropped
+LEDGER_SCRUBBED = f"{PREFIX}jobs:scrubbed"

@@ -35,7 +35,7 @@ import redis.exceptions
 
 from worker import keys
 from worker.inflight import TRACK_LUA
-from worker.models import ClientChange
+from worker.models import ClientChange, mask_emails
 
 log = logging.getLogger("clientsync.ledger")
 
@@ -221,6 +221,51 @@ return #victims
 
 TRIM_BATCH = 1000
 
+#: the provider name dead letters are filed under (messages that never became a job)
+INTAKE = "intake"
+
+# A dead letter: the transition to `dead` plus its reason's counter (`keys.DEAD_LETTERS`), at once.
+# KEYS: the dead-letter counters; ARGV: job_id, now_ms, fields JSON, attempt JSON, max finished jobs, reason
+DEAD_LETTER_LUA = _LIB + """
+local old = transition(ARGV[1], 'dead', tonumber(ARGV[2]), 'force', cjson.decode(ARGV[3]), ARGV[4], true, {},
+                       tonumber(ARGV[5]))
+redis.call('HINCRBY', KEYS[1], ARGV[6], 1)
+return old
+"""
+
+# Drop the stored change (emails, addresses) of jobs that finished in `state` before a cut-off.
+# A watermark per state remembers how far earlier passes went, so each pass reads only new jobs.
+# KEYS: the state's index, the watermark hash; ARGV: state, cut-off (ms), batch -> scrubbed count
+_SCRUB = f"""
+local JOB = {_lua_str(keys.job(""))}
+local from = redis.call('HGET', KEYS[2], ARGV[1]) or '-inf'
+if from ~= '-inf' then from = '(' .. from end
+local batch = redis.call('ZRANGEBYSCORE', KEYS[1], from, ARGV[2], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+local n = 0
+for i = 1, #batch, 2 do
+  if redis.call('HDEL', JOB .. batch[i], 'change') == 1 then
+    redis.call('HSET', JOB .. batch[i], 'change_dropped_at', ARGV[2])
+    n = n + 1
+  end
+end
+if #batch > 0 then redis.call('HSET', KEYS[2], ARGV[1], batch[#batch]) end
+return {{n, #batch / 2}}
+"""
+
+#: finished states whose stored change is dropped after `change_ttl_seconds` (a dead job keeps it:
+#: an operator may replay it)
+SCRUBBED_STATES: tuple[str, ...] = ("succeeded", "skipped")
+
+
+def dead_letter_fields(raw: str, attempt: Attempt, *, reason: str, stage: str,
+                       task_id: str | None = None) -> dict[str, Any]:
+    """The record of a message that never became a valid job (see `DEAD_LETTER_LUA`)."""
+    return {
+        "provider": INTAKE, "event_id": "-", "client_id": "-", "action": "-",
+        "raw": raw[:64 * 1024], "last_error": attempt.message or "", "last_error_class": attempt.error_class or "",
+        "reason": reason, "stage": stage, "task_id": task_id, "finished_at": attempt.at,
+    }
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -271,8 +316,11 @@ class Ledger:
     """Read and write job records; see the module docstring."""
 
     def __init__(self, redis: aioredis.Redis, *, max_jobs: int = 100_000, max_age_seconds: float = 14 * 86400,
-                 trim_every: int = 500):
+                 trim_every: int = 500, change_ttl_seconds: float = 7 * 86400):
         self.redis = redis
+        self.change_ttl_seconds = change_ttl_seconds
+        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._scrub = redis.register_script(_SCRUB)
         self.max_jobs = max_jobs
         self.max_age_seconds = max_age_seconds
         self.trim_every = trim_every
@@ -348,13 +396,28 @@ class Ledger:
             "last_error_class": attempt.error_class or "", "candidates": json.dumps(candidates),
         })
 
-    async def dead_letter(self, job_id: str, *, raw: str, attempt: Attempt) -> None:
-        """A message that never became a valid job: kept with its payload and the reason."""
-        await self._move(job_id, "dead", mode="force", attempt=attempt, fields={
-            "provider": "-", "event_id": "-", "client_id": "-", "action": "-",
-            "raw": raw[:64 * 1024], "last_error": attempt.message or "",
-            "last_error_class": attempt.error_class or "",
-        })
+    async def dead_letter(self, job_id: str, *, raw: str, attempt: Attempt, reason: str | None = None,
+                          stage: str = "task", task_id: str | None = None) -> None:
+        """A message that never became a valid job: kept with its payload (emails masked) and the
+        reason, filed under provider `intake`, and counted by reason (`keys.DEAD_LETTERS`)."""
+        reason = reason or attempt.error_class or "invalid"
+        fields = dead_letter_fields(mask_emails(raw), attempt, reason=reason, stage=stage, task_id=task_id)
+        await self._dead_letter(keys=[keys.DEAD_LETTERS], args=[
+            job_id, now_ms(), json.dumps(fields), attempt.to_json(), self.max_jobs, reason])
+
+    async def scrub_changes(self, *, batch: int = TRIM_BATCH) -> int:
+        """Drop the stored change of succeeded and skipped jobs older than `change_ttl_seconds`
+        (the record, its outcome and history stay). Returns how many were dropped."""
+        cutoff = now_ms() - int(self.change_ttl_seconds * 1000)
+        total = 0
+        for state in SCRUBBED_STATES:
+            while True:
+                n, seen = await self._scrub(keys=[keys.jobs_in_state(state), keys.LEDGER_SCRUBBED],
+                                            args=[state, cutoff, batch])
+                total += int(n)
+                if int(seen) < batch:
+                    break
+        return total
 
     async def requeued(self, job_id: str, *, note: str) -> None:
         """An operator replayed the job (record only; `replay` also enqueues, atomically)."""
@@ -414,6 +477,8 @@ class Ledger:
                 removed = await self.trim_all()
                 if removed:
                     log.debug("ledger retention dropped %d finished jobs", removed)
+                if await self.scrub_changes():
+                    log.debug("ledger retention dropped the stored changes of old finished jobs")
             except (redis.exceptions.RedisError, OSError):
                 log.warning("ledger trim failed; retrying in %ss", interval, exc_info=True)
             await asyncio.sleep(interval)

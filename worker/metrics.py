@@ -28,7 +28,8 @@ from worker.ledger import STATES, bucket_label
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: webhook status -> rejection reason (anything else 4xx/5xx: `other`)
-_REASONS = {400: "invalid_json", 401: "signature", 413: "too_large", 415: "content_type", 422: "invalid_change",
+_REASONS = {400: "invalid_json", 401: "signature", 409: "conflict", 413: "too_large", 415: "content_type",
+            422: "invalid_change",
             503: "unavailable"}
 
 _COUNTER_DOCS = {
@@ -114,6 +115,12 @@ class SnapshotCollector:
             for name in ("closed", "open", "half_open", "unknown"):
                 circuit.add_metric([p, name], 1.0 if name == current else 0.0)
         yield circuit
+        letters = CounterMetricFamily("clientsync_dead_letters",
+                                      "Messages that never became a valid job (dead letters), by reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(snap.get("dead_letters", {}).items()):
+            letters.add_metric([reason], n)
+        yield letters
         tokens = GaugeMetricFamily("clientsync_rate_limit_tokens",
                                    "Rate-limit tokens available now per provider (negative: calls booked ahead).",
                                    labels=["provider"])

@@ -14,8 +14,10 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     model_validator,
 )
@@ -63,6 +65,21 @@ def _email(value: str) -> str:
     value = value.strip()
     if not _EMAIL.match(value) or len(value) > 254:
         raise ValueError("must be an email address like name@example.com")
+    return value
+
+
+#: the most contacts and tags one client may carry (documented in the README)
+MAX_CONTACTS = 50
+MAX_TAGS = 100
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only an RFC 3339 string (a datetime object passes from Python callers): no Unix numbers."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 date-time string with a timezone offset, e.g. '2024-05-01T12:00:00Z'")
     return value
 
 
@@ -117,9 +134,9 @@ class Client(_Frozen):
     currency: Currency | None = None
     locale: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}([_-][A-Za-z]{2})?$")] | None = None
     notes: Text | None = None
-    tags: tuple[ShortText, ...] = ()
+    tags: tuple[ShortText, ...] = Field((), max_length=MAX_TAGS)
     status: Literal["active", "archived"] = "active"
-    contacts: tuple[Contact, ...] = ()
+    contacts: tuple[Contact, ...] = Field((), max_length=MAX_CONTACTS)
 
     @property
     def primary_contact(self) -> Contact | None:
@@ -141,8 +158,9 @@ class ClientChange(_Frozen):
     """One change to one client: the contract for every way in (webhook, Celery job, CLI)."""
 
     event_id: Identifier = Field(description="The sender's id for this change; the dedupe key.")
-    occurred_at: AwareDatetime = Field(description="When the change happened (RFC 3339 with offset).")
-    version: Annotated[int, Field(ge=0)] | None = Field(
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_rfc3339)] = Field(
+        description="When the change happened (RFC 3339 with offset).")
+    version: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Optional monotonic version per client; wins over occurred_at."
     )
     action: Literal["upsert", "delete"]
@@ -180,7 +198,9 @@ def change_json_schema() -> dict[str, Any]:
     return schema
 
 
-_ANY_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+\.[A-Za-z]{2,}")
+# Bounded parts (RFC 5321 lengths): unbounded ones made masking a long text without '@'
+# quadratic, and a 1 MB log line or queue entry wedged the process.
+_ANY_EMAIL = re.compile(r"[^@\s\"'<>(),;:]{1,64}@[^@\s\"'<>(),;:]{1,255}\.[A-Za-z]{2,63}")
 
 
 def mask_emails(text: str) -> str:

@@ -28,7 +28,6 @@ import binascii
 import json
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ import redis.asyncio as aioredis
 from worker import keys
 from worker.ledger import COUNTERS, LATENCY_BUCKETS, STATES, Ledger, bucket_label
 from worker.models import mask_email
-from worker.producer import task_message
+from worker.parking import apply_message, task_key
 
 #: must equal `tasks.sync.APPLY_TASK` (worker never imports tasks; a test checks they agree)
 APPLY_TASK = "clientsync.apply_change"
@@ -465,7 +464,8 @@ class Monitor:
         pipe.hset(keys.client_state(row["provider"], row["client_id"]), "resolution", text)
         pipe.hset(keys.job(job_id), "resolution", text)
         await pipe.execute()
-        task_id, message = self._message(json.loads(row["change"]), row["provider"])
+        task_id, message = self._message(job_id, json.loads(row["change"]), row["provider"],
+                                         await task_key(self.redis))
         note = f"resolved by operator: adopt {provider_id}" if action == "adopt" else "resolved by operator: create new"
         result = (await self.ledger.replay(self.queue, [(job_id, message)], allowed=("needs_attention",),
                                            note=note))[0]
@@ -474,10 +474,10 @@ class Monitor:
         return {"id": job_id, "status": "queued", "task_id": task_id, "resolution": answer}
 
     # --- actions -----------------------------------------------------------------------------
-    def _message(self, change: dict[str, Any], provider: str) -> tuple[str, str]:
-        task_id = str(uuid.uuid4())
-        return task_id, task_message(APPLY_TASK, [change, provider], {"attempt": 1}, queue=self.queue,
-                                     task_id=task_id)
+    def _message(self, job_id: str, change: dict[str, Any], provider: str, key: bytes) -> tuple[str, str]:
+        """A marked `clientsync.apply_change` message (see `worker.parking.mark`)."""
+        message = apply_message(job_id, change, provider, 1, queue=self.queue, key=key)
+        return json.loads(message)["headers"]["id"], message
 
     async def replay(self, job_id: str, *, note: str = "replayed by operator") -> dict[str, Any]:
         """Re-enqueue one dead or discarded job (atomically with marking it queued)."""
@@ -493,7 +493,8 @@ class Monitor:
         if not row.get("change") or row.get("provider") in (None, "-"):
             raise NotAllowed(job_id, state, "an invalid message has no valid change to replay; fix the "
                                             "producer and send the change again")
-        task_id, message = self._message(json.loads(row["change"]), row["provider"])
+        task_id, message = self._message(job_id, json.loads(row["change"]), row["provider"],
+                                         await task_key(self.redis))
         result = (await self.ledger.replay(self.queue, [(job_id, message)], allowed=REPLAYABLE, note=note))[0]
         if result != "ok":
             raise NotAllowed(job_id, result, f"job changed to {result} meanwhile; not replayed")
@@ -513,9 +514,10 @@ class Monitor:
         if dry_run:
             result["jobs"] = [i for i, _ in found[:100]]
             return result
+        key = await task_key(self.redis) if replayable else b""
         for start in range(0, len(replayable), _BATCH):
             chunk = replayable[start:start + _BATCH]
-            pairs = [(i, self._message(json.loads(r["change"]), r["provider"])[1]) for i, r in chunk]
+            pairs = [(i, self._message(i, json.loads(r["change"]), r["provider"], key)[1]) for i, r in chunk]
             outcomes = await self.ledger.replay(self.queue, pairs, allowed=BULK_REPLAYABLE, note=note)
             for (job_id, _), outcome in zip(chunk, outcomes, strict=True):
                 if outcome == "ok":
@@ -548,9 +550,11 @@ class Monitor:
                 pipe.zrange(keys.jobs_of_provider_in_state(p, "retrying"), 0, 0, withscores=True)
                 await self._peek(keys=[keys.circuit(p)], client=pipe)
                 await self._peek(keys=[keys.rate_bucket(p)], client=pipe)
+            pipe.hgetall(keys.DEAD_LETTERS)
             replies = await pipe.execute()
         depth = int(replies[0])
-        out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {}}
+        out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {},
+                               "dead_letters": {_text(k): int(v) for k, v in replies[-1].items()}}
         i = 1
         for p in providers:
             counts = {s: int(replies[i + n]) for n, s in enumerate(STATES)}

@@ -15,16 +15,26 @@ length: one path, durable in Redis, visible to the monitor, and a crash costs no
   move an entry, and an entry is never lost between the pop and the push.
 
 Each message is exactly what `celery.send_task` would write (`worker.producer.task_message`),
-with one extra header, `clientsync_job`, naming the ledger job.
+with two extra headers: `clientsync_job`, naming the ledger job, and `clientsync_mark`, the
+authenticity mark: an HMAC-SHA256 (`mark`) over the job id, the provider, the attempt and the
+canonical JSON of the change, under a key kept in Redis (`keys.TASK_KEY`, 32 random bytes made
+once by the first process that needs it). The worker's intake gate (`tasks.intake`)
+dead-letters any `clientsync.apply_change` whose mark is missing or wrong, whose provider is
+unknown or whose job is not in the ledger: a foreign producer cannot forge an internal task.
+Give foreign producers a Redis ACL user limited to pushing onto the queue and they cannot read
+the key either (see the README, "Poison-proof intake").
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
 import random
+import secrets
 import uuid
 from typing import Any
 
@@ -68,12 +78,47 @@ return #due
 """
 
 
-def apply_message(job_id: str, change: dict[str, Any], provider: str, attempt: int, *, queue: str) -> str:
-    """The Celery message that runs `attempt` of one (event, provider) job."""
+# KEYS: the task key -> the key (made now, at random, if there was none)
+TASK_KEY_LUA = """
+local k = redis.call('GET', KEYS[1])
+if not k then
+  k = ARGV[1]
+  redis.call('SET', KEYS[1], k)
+end
+return k
+"""
+
+
+def new_task_key() -> str:
+    return secrets.token_hex(32)
+
+
+def mark(key: bytes, job_id: str, change: Any, provider: Any, attempt: Any) -> str:
+    """The authenticity mark of one `clientsync.apply_change` message (hex HMAC-SHA256)."""
+    canonical = json.dumps([job_id, provider, attempt, change], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=True)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def mark_matches(key: bytes, given: Any, job_id: str, change: Any, provider: Any, attempt: Any) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), mark(key, job_id, change, provider,
+                                                                                attempt).encode())
+
+
+async def task_key(redis: aioredis.Redis) -> bytes:
+    """The shared HMAC key of internal task messages (one round trip; created on first use)."""
+    value = await redis.eval(TASK_KEY_LUA, 1, keys.TASK_KEY, new_task_key())
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def apply_message(job_id: str, change: dict[str, Any], provider: str, attempt: int, *, queue: str,
+                  key: bytes) -> str:
+    """The Celery message that runs `attempt` of one (event, provider) job, marked with `key`."""
     task_id = str(uuid.uuid4())
     message = json.loads(task_message(APPLY_TASK, [change, provider], {"attempt": attempt}, queue=queue,
                                       task_id=task_id))
     message["headers"]["clientsync_job"] = job_id
+    message["headers"]["clientsync_mark"] = mark(key, job_id, change, provider, attempt)
     message["headers"]["retries"] = max(0, attempt - 1)  # what Flower shows as retries
     message["headers"]["kwargsrepr"] = json.dumps({"attempt": attempt})
     return json.dumps(message)
@@ -88,11 +133,14 @@ class Parking:
         self.batch = batch
         self._park = redis.register_script(_PARK)
         self._move = redis.register_script(_MOVE)
+        self._key: bytes | None = None
 
     async def park(self, job_id: str, change: dict[str, Any], provider: str, attempt: int, delay: float,
                    *, now_ms: int | None = None) -> float:
         """Park `attempt` of the job to run in `delay` seconds; returns its due time (unix seconds)."""
-        message = apply_message(job_id, change, provider, attempt, queue=self.queue)
+        if self._key is None:
+            self._key = await task_key(self.redis)
+        message = apply_message(job_id, change, provider, attempt, queue=self.queue, key=self._key)
         due = await self._park(
             keys=[keys.DELAYED, keys.DELAYED_JOBS],
             args=[job_id, message, max(0, math.ceil(delay * 1000)), "" if now_ms is None else now_ms],

@@ -26,12 +26,19 @@ from worker.models import ClientChange
 
 SYNC_TASK = "clientsync.sync_client"
 
+# The claim holds "<task id> <payload fingerprint>": a second send of the event id with the
+# same payload is a duplicate (0), with another payload a conflict (2). A claim written before
+# fingerprints were kept (no space) cannot tell: a duplicate.
+# KEYS: event claim, queue; ARGV: task id, TTL, message, fingerprint -> 1 queued, 0 duplicate, 2 conflict
 _CLAIM_AND_PUSH = NOW_LUA + TRACK_LUA + """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+if redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[4], 'NX', 'EX', tonumber(ARGV[2])) then
   redis.call('LPUSH', KEYS[2], ARGV[3])
   track(ARGV[3], now_ms(''))
   return 1
 end
+local held = redis.call('GET', KEYS[1])
+local space = held and string.find(held, ' ', 1, true)
+if space and string.sub(held, space + 1) ~= ARGV[4] then return 2 end
 return 0
 """
 
@@ -75,7 +82,8 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: s
 
 @dataclass(frozen=True)
 class Enqueued:
-    status: Literal["queued", "duplicate"]
+    #: conflict: the event id was already received with another payload (nothing queued)
+    status: Literal["queued", "duplicate", "conflict"]
     task_id: str | None
 
 
@@ -89,12 +97,16 @@ class Producer:
         self._claim_and_push = redis.register_script(_CLAIM_AND_PUSH)
 
     async def enqueue(self, change: ClientChange, *, received_at: float) -> Enqueued:
-        """Queue `change` unless its event id was seen; raises redis errors to the caller."""
+        """Queue `change` unless its event id was seen (then: a duplicate, or a conflict if the
+        payload differs); raises redis errors to the caller."""
         task_id = str(uuid.uuid4())
         payload = change.model_dump(mode="json")
         message = task_message(SYNC_TASK, [payload], {"received_at": received_at}, queue=self.queue,
                                task_id=task_id)
-        pushed = await self._claim_and_push(
-            keys=[keys.event(change.event_id), self.queue], args=[task_id, self.event_ttl, message]
-        )
-        return Enqueued("queued", task_id) if pushed else Enqueued("duplicate", None)
+        pushed = int(await self._claim_and_push(
+            keys=[keys.event(change.event_id), self.queue],
+            args=[task_id, self.event_ttl, message, change.fingerprint()],
+        ))
+        if pushed == 1:
+            return Enqueued("queued", task_id)
+        return Enqueued("conflict" if pushed == 2 else "duplicate", None)

@@ -6,6 +6,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY = 24 * 3600
+#: the shortest monitor token accepted: a guessable one would open the ledger's personal data
+MIN_TOKEN = 32
 
 
 class Settings(BaseSettings):
@@ -23,7 +25,8 @@ class Settings(BaseSettings):
         None, description="Comma-separated Standard Webhooks secrets (whsec_...); several = rotation."
     )
     webhook_tolerance_seconds: int = Field(300, ge=1)
-    monitor_token: SecretStr | None = Field(None, description="Bearer token for /monitor and /dashboard.")
+    monitor_token: SecretStr | None = Field(
+        None, description="Bearer token for /monitor and /dashboard; at least 32 characters.")
     max_body_bytes: int = Field(256 * 1024, ge=1024)
 
     event_ttl_seconds: int = Field(7 * DAY, ge=60, description="How long an event id is remembered.")
@@ -75,6 +78,9 @@ class Settings(BaseSettings):
     ledger_max_age_seconds: float = Field(14 * DAY, gt=0, description="Finished jobs older than this are dropped.")
     ledger_trim_every: int = Field(500, ge=0, description="Each worker trims after this many new jobs; 0 = timer only.")
     ledger_trim_interval_seconds: float = Field(10.0, gt=0, description="Each worker also trims on this timer.")
+    ledger_change_ttl_seconds: float = Field(
+        7 * DAY, ge=0, description="The full change (emails, addresses) kept in a succeeded or skipped job is "
+                                   "dropped after this long.")
 
     @field_validator("webhook_secret")
     @classmethod
@@ -85,6 +91,14 @@ class Settings(BaseSettings):
             part = part.strip()
             if part and not part.startswith("whsec_"):
                 raise ValueError("each secret must start with 'whsec_' (Standard Webhooks format)")
+        return value
+
+    @field_validator("monitor_token")
+    @classmethod
+    def _token_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < MIN_TOKEN:
+            raise ValueError(f"must be at least {MIN_TOKEN} characters (make one with: python -c "
+                             "'import secrets; print(secrets.token_urlsafe(32))')")
         return value
 
     def webhook_secrets(self) -> list[str]:

@@ -2,7 +2,8 @@
 
 Everything is served by the receiver (`worker/web/static/`, no CDN). The login form posts
 the token once and gets a session cookie (see `worker.web.monitor`: HttpOnly,
-SameSite=Strict, an HMAC, never the token); the token never appears in a URL. The page
+SameSite=Strict, a random id of a session kept in Redis and deleted at sign-out, never the
+token); the token never appears in a URL. The page
 builds its DOM with `textContent` only and a strict Content-Security-Policy, so data from
 the ledger (client names, provider messages) can never run as script. It shows what the
 monitor API returns, where emails are already masked.
@@ -20,9 +21,14 @@ from worker.web.monitor import (
     SESSION_SECONDS,
     AuthFailure,
     authenticate,
+    close_session,
     configured_token,
-    session_cookie,
+    locked_out,
+    open_session,
+    retry_after,
+    token_failed,
     token_matches,
+    token_succeeded,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -62,7 +68,7 @@ def _login_page(message: str = "", status: int = 200) -> web.Response:
 async def dashboard(request: web.Request) -> web.Response:
     """`GET /dashboard`: the dashboard for a signed-in operator (cookie or bearer), else the login form."""
     try:
-        authenticate(request)
+        await authenticate(request)
     except AuthFailure as exc:
         if exc.status == 503:
             return _page(f"<!doctype html><title>clientsync monitor</title><p>{html.escape(str(exc))}</p>", 503)
@@ -76,18 +82,26 @@ async def login(request: web.Request) -> web.Response:
     if token is None:
         return _page("<!doctype html><title>clientsync monitor</title>"
                      "<p>the monitor is disabled: set CLIENTSYNC_MONITOR_TOKEN to enable it</p>", 503)
+    wait = await locked_out(request)
+    if wait:
+        response = _login_page("Too many wrong tokens from this address; try again later.", 429)
+        response.headers.update(retry_after(wait))
+        return response
     form = await request.post()
     given = form.get("token")
     if not isinstance(given, str) or not token_matches(given.strip(), token):
+        await token_failed(request)
         return _login_page("That token is not valid.", 401)
+    await token_succeeded(request)
     response = web.HTTPSeeOther("/dashboard", headers=SECURITY_HEADERS)
-    response.set_cookie(COOKIE, session_cookie(token), max_age=SESSION_SECONDS, path="/", httponly=True,
-                        samesite="Strict", secure=request.secure)
+    response.set_cookie(COOKIE, await open_session(request, token), max_age=SESSION_SECONDS, path="/",
+                        httponly=True, samesite="Strict", secure=request.secure)
     raise response
 
 
 async def logout(request: web.Request) -> web.Response:
-    """`POST /dashboard/logout`: forget the session cookie."""
+    """`POST /dashboard/logout`: end the session on the server and forget the cookie."""
+    await close_session(request)
     response = web.HTTPSeeOther("/dashboard", headers=SECURITY_HEADERS)
     response.del_cookie(COOKIE, path="/")
     raise response

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -10,6 +9,8 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import ValidationError
 
+from worker import safejson
+from worker.ledger import Attempt
 from worker.models import ClientChange, change_json_schema
 from worker.web import app as appmod
 from worker.web.middlewares import json_error
@@ -36,9 +37,14 @@ async def receive_client_webhook(request: web.Request) -> web.Response:
         verify(request.headers, body, secrets, tolerance=settings.webhook_tolerance_seconds)
     except SignatureError as exc:
         return json_error(401, f"invalid signature: {exc}")
+    if not is_json(request.content_type):
+        return json_error(415, f"Content-Type must be application/json, not {request.content_type[:80]!r}")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = safejson.loads(body)
+    except safejson.JsonError as exc:
+        if "deeper" in str(exc):
+            return json_error(400, f"body is nested deeper than {safejson.MAX_DEPTH} levels (the limit)",
+                              limit=safejson.MAX_DEPTH)
         return json_error(400, "body is not valid JSON")
     if not isinstance(data, dict):
         return json_error(400, "body must be a JSON object (a ClientChange)")
@@ -52,11 +58,37 @@ async def receive_client_webhook(request: web.Request) -> web.Response:
         # The claim and the push are one script: nothing was claimed, so the sender's retry works.
         log.error("enqueue failed for event %s: %s", change.event_id, exc)
         return json_error(503, "queue unavailable, retry later", headers={"Retry-After": "5"})
+    if result.status == "conflict":
+        return await _conflict(request, change)
     if result.status == "duplicate":
         return web.json_response({"event_id": change.event_id, "status": "duplicate"}, status=200)
     log.info("queued event %s for client %s", change.event_id, change.client.id)
     return web.json_response({"event_id": change.event_id, "status": "queued", "task_id": result.task_id},
                              status=202)
+
+
+def is_json(content_type: str) -> bool:
+    """`application/json`, or a `+json` type (e.g. `application/cloudevents+json`)."""
+    return content_type == "application/json" or (content_type.startswith("application/")
+                                                  and content_type.endswith("+json"))
+
+
+async def _conflict(request: web.Request, change: ClientChange) -> web.Response:
+    """The event id was already received with another payload: 409, recorded as a dead letter."""
+    message = (f"event {change.event_id} was already received with a different payload; "
+               "a new change needs a new event_id")
+    ledger = request.app[appmod.MONITOR].ledger
+    try:
+        await ledger.dead_letter(
+            f"conflict:{change.event_id}:{change.fingerprint()[:12]}", raw=change.model_dump_json(),
+            attempt=Attempt(1, time.time(), "dead", "event_conflict", 409, message),
+            reason="event_conflict", stage="webhook",
+        )
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.error("could not record the conflict of event %s: %s", change.event_id, exc)
+        return json_error(503, "queue unavailable, retry later", headers={"Retry-After": "5"})
+    log.warning("event %s received again with a different payload: 409", change.event_id)
+    return json_error(409, message, event_id=change.event_id)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -5,8 +5,9 @@ field and the rule), call one method, answer JSON. The API is documented in
 `worker/web/openapi.yaml`, served at `GET /monitor/openapi.yaml`.
 
 Auth: `Authorization: Bearer <CLIENTSYNC_MONITOR_TOKEN>`, or the dashboard's session cookie
-(set by the login form; HttpOnly, SameSite=Strict, an HMAC of an expiry under the token,
-never the token itself). Cookie-authenticated writes must also carry the
+(set by the login form; HttpOnly, SameSite=Strict, a random session id kept in Redis for
+`SESSION_SECONDS` and deleted at sign-out, never the token itself). Repeated wrong tokens from
+one address lock it out for a growing time (429 + Retry-After). Cookie-authenticated writes must also carry the
 `X-Clientsync-Request` header, which a cross-site form cannot send. Without a configured
 token the monitor answers 503 and stays closed.
 """
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
+import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
+from worker import keys, safejson
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
 from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
 from worker.web import app as appmod
@@ -43,9 +46,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # --- auth -------------------------------------------------------------------------------------------
 class AuthFailure(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def configured_token(request: web.Request) -> str | None:
@@ -63,35 +67,101 @@ def token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(_digest(given), _digest(token))
 
 
-def session_cookie(token: str, *, now: float | None = None) -> str:
-    expires = int((time.time() if now is None else now) + SESSION_SECONDS)
-    mac = hmac.new(token.encode(), f"clientsync-dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
-    return f"{expires}.{mac}"
+# Sessions live in Redis (`keys.dashboard_session`, TTL `SESSION_SECONDS`): the cookie holds only a
+# random session id, signing out deletes the session, and a changed token ends every session
+# (each stores a digest of the token it was opened with).
+async def open_session(request: web.Request, token: str) -> str:
+    """A new dashboard session for `token`; returns the cookie value (a random id, never the token)."""
+    session_id = secrets.token_urlsafe(32)
+    await request.app[appmod.REDIS].set(keys.dashboard_session(session_id), _digest(token).hex(),
+                                        ex=SESSION_SECONDS)
+    return session_id
 
 
-def session_valid(value: str, token: str) -> bool:
-    expires_text, _, mac = value.partition(".")
-    try:
-        expires = int(expires_text)
-    except ValueError:
+async def session_valid(request: web.Request, value: str, token: str) -> bool:
+    if not value or len(value) > 100:
         return False
-    expected = hmac.new(token.encode(), f"clientsync-dashboard:{expires}".encode(), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(mac.encode(), expected.encode()) and expires > time.time()
+    stored = await request.app[appmod.REDIS].get(keys.dashboard_session(value))
+    if stored is None:
+        return False
+    held = stored.encode() if isinstance(stored, str) else bytes(stored)
+    return hmac.compare_digest(held, _digest(token).hex().encode())
 
 
-def authenticate(request: web.Request) -> str:
-    """'bearer' or 'cookie'; raises AuthFailure (503 when no token is configured, else 401/403)."""
+async def close_session(request: web.Request) -> None:
+    """Sign out: the session is gone on the server, whatever the browser keeps."""
+    value = request.cookies.get(COOKIE)
+    if value and len(value) <= 100:
+        await request.app[appmod.REDIS].delete(keys.dashboard_session(value))
+
+
+# Wrong tokens from one client address are counted (`keys.auth_failures`); past
+# `FREE_FAILURES` each further one locks that address out for twice as long as the last, up
+# to `MAX_LOCKOUT_SECONDS`: 429 + Retry-After, whatever token it sends meanwhile.
+FREE_FAILURES = 5
+MAX_LOCKOUT_SECONDS = 300
+# KEYS: the address's counter; ARGV: now (s), free failures, max lockout, window -> lockout seconds (0: none)
+_FAILED = """
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+local over = n - tonumber(ARGV[2])
+if over <= 0 then return 0 end
+local wait = math.min(2 ^ (over - 1), tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'until', tonumber(ARGV[1]) + wait)
+return wait
+"""
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def _failures(request: web.Request) -> tuple[float, bool]:
+    """(seconds this address must wait before its next token is even looked at, any failures counted)."""
+    n, until = await request.app[appmod.REDIS].hmget(keys.auth_failures(_client(request)), ["n", "until"])
+    return (max(0.0, float(until) - time.time()) if until is not None else 0.0), n is not None
+
+
+async def locked_out(request: web.Request) -> float:
+    return (await _failures(request))[0]
+
+
+async def token_failed(request: web.Request) -> None:
+    wait = await request.app[appmod.REDIS].eval(
+        _FAILED, 1, keys.auth_failures(_client(request)), time.time(), FREE_FAILURES, MAX_LOCKOUT_SECONDS,
+        keys.AUTH_FAILURE_WINDOW_SECONDS)
+    if float(wait) > 0:
+        log.warning("monitor: repeated wrong tokens from %s; locked out for %ss", _client(request), wait)
+
+
+async def token_succeeded(request: web.Request) -> None:
+    await request.app[appmod.REDIS].delete(keys.auth_failures(_client(request)))
+
+
+def retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+
+async def authenticate(request: web.Request) -> str:
+    """'bearer' or 'cookie'; raises AuthFailure (503 when no token is configured, 429 while locked
+    out after repeated wrong tokens, else 401/403)."""
     token = configured_token(request)
     if token is None:
         raise AuthFailure(503, "the monitor is disabled: set CLIENTSYNC_MONITOR_TOKEN to enable it")
     header = request.headers.get("Authorization", "")
     if header:
+        wait, failed_before = await _failures(request)
+        if wait:
+            raise AuthFailure(429, "too many wrong tokens from this address; retry later", retry_after(wait))
         scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and token_matches(given.strip(), token):
+            if failed_before:
+                await token_succeeded(request)
             return "bearer"
+        await token_failed(request)
         raise AuthFailure(401, "invalid bearer token")
     cookie = request.cookies.get(COOKIE)
-    if cookie and session_valid(cookie, token):
+    if cookie and await session_valid(request, cookie, token):
         if request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
             raise AuthFailure(403, f"a cookie-authenticated write needs the {CSRF_HEADER}: 1 header")
         return "cookie"
@@ -117,10 +187,12 @@ def protected(handler: Handler) -> Handler:
     @redis_down
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            authenticate(request)
+            await authenticate(request)
         except AuthFailure as exc:
-            headers = {"WWW-Authenticate": 'Bearer realm="clientsync monitor"'} if exc.status == 401 else None
-            return json_error(exc.status, str(exc), headers=headers)
+            headers = dict(exc.headers)
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="clientsync monitor"'
+            return json_error(exc.status, str(exc), headers=headers or None)
         return await handler(request)
 
     wrapped.__name__ = handler.__name__
@@ -154,9 +226,11 @@ async def _json_body(request: web.Request, *, required: bool) -> dict[str, Any]:
             raise InvalidParam("body", "must be a JSON object")
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidParam("body", "is not valid JSON") from exc
+        data = safejson.loads(raw)
+    except safejson.JsonError as exc:
+        rule = (f"is nested deeper than {safejson.MAX_DEPTH} levels (the limit)" if "deeper" in str(exc)
+                else "is not valid JSON")
+        raise InvalidParam("body", rule) from exc
     if not isinstance(data, dict):
         raise InvalidParam("body", "must be a JSON object")
     return data
