@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.models import ClientChange, change_json_schema
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, read_secret_files
 
 log = logging.getLogger("clientsync")
 
@@ -32,6 +32,16 @@ def _settings() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"CLIENTSYNC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise CliError(f"invalid settings: {problems}") from exc
+
+
+def _startup_settings() -> Settings:
+    """Every setting (provider ones too) validated before anything starts: a bad one stops us here."""
+    from worker.check import validate_config
+
+    try:
+        return validate_config()[0]
+    except SettingsError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _require_redis(settings: Settings) -> str:
@@ -94,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from worker.web.app import create_app
 
-    settings = _settings()
+    settings = _startup_settings()
     _logging(settings.log_level)
     url = _require_redis(settings)
     web.run_app(create_app(settings, url), host=args.host or settings.host, port=args.port or settings.port,
@@ -103,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _startup_settings()
     _require_redis(settings)
     # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
@@ -147,6 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.launcher import Stack
     from worker.providers import enabled_configs
 
+    _startup_settings()
     _logging("INFO")
     stack = Stack()
     data_dir = str(Path(args.data_dir).resolve())
@@ -251,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules that add subcommand groups with a `register(subparsers)` function
-EXTENSIONS = ("worker.monitor_cli",)
+EXTENSIONS = ("worker.monitor_cli", "worker.check")
 
 
 def _extensions() -> list[Any]:
@@ -270,9 +281,10 @@ def _extensions() -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        read_secret_files()
         result: int = args.func(args)
         return result
-    except CliError as exc:
+    except (CliError, SettingsError) as exc:
         print(f"clientsync: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
