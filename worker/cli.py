@@ -155,14 +155,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.launcher import Stack
-    from worker.providers import enabled_configs
+    from worker.providers import enabled_configs, load_configs
 
     _startup_settings()
     _logging("INFO")
-    stack = Stack()
     data_dir = str(Path(args.data_dir).resolve())
+    # var/ (the parent of --data-dir) keeps the children's logs and the generated secrets
+    var_dir = Path(data_dir).parent
+    stack = Stack(log_dir=var_dir / "logs", echo=True)
     redis_url = stack.ensure_redis(persist_dir=data_dir)
-    stack.ensure_secrets()
+    stack.ensure_secrets(var_dir / "secrets")
     for key, value in stack.env.items():
         if key.startswith("CLIENTSYNC_"):
             os.environ[key] = value
@@ -170,18 +172,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if use_sandbox:
             stack.start_sandbox(port=args.sandbox_port)
+            for key, value in stack.env.items():
+                if key.startswith("CLIENTSYNC_"):
+                    os.environ[key] = value
+        configs = load_configs()
         url = stack.start_receiver(port=args.port)
         stack.start_worker()
         secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
-        print(f"""
+        where = f"sandbox at http://127.0.0.1:{stack.sandbox_port}" if use_sandbox else "from CLIENTSYNC_* settings"
+        enabled = [name for name, cfg in configs.items() if cfg.is_configured()]
+        disabled = [f"\n    {name:16} disabled: {cfg.missing()}" for name, cfg in configs.items()
+                    if not cfg.is_configured()]
+        stack.say(f"""
 clientsync is running
   redis      {redis_url}{'  (embedded, data in ' + data_dir + ')' if stack.redis else ''}
-  providers  {'sandbox at http://127.0.0.1:' + str(stack.sandbox_port) if use_sandbox else 'from CLIENTSYNC_* settings'}
+  providers  {where}
+    enabled: {', '.join(enabled) or 'none'}{''.join(disabled)}
   webhooks   POST {url}/webhooks/clients   (Standard Webhooks signature)
   secret     CLIENTSYNC_WEBHOOK_SECRET={secret}
   monitor    {url}/dashboard   token: CLIENTSYNC_MONITOR_TOKEN={stack.env['CLIENTSYNC_MONITOR_TOKEN']}
+  logs       {stack.log_dir}/{{receiver,worker{',sandbox' if use_sandbox else ''}}}.log (also below, prefixed)
+  secrets    kept in {var_dir / 'secrets'} across restarts (unless set in the environment)
   send a change:  CLIENTSYNC_REDIS_URL={redis_url} clientsync send examples/change.json
-Stop with Ctrl-C.""", flush=True)
+Stop with Ctrl-C.""")
         stop = {"now": False}
 
         def _stop(*_: Any) -> None:
@@ -200,7 +213,7 @@ Stop with Ctrl-C.""", flush=True)
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
                 if name != "worker" or len(restarts) > 5:
                     raise CliError(f"{name} exited with status {proc.returncode}")
-                print(f"worker exited with status {proc.returncode}; restarting it", flush=True)
+                stack.say(f"worker exited with status {proc.returncode}; restarting it")
                 stack.procs.pop(name)
                 stack.start_worker()
             time.sleep(0.5)
