@@ -303,20 +303,27 @@ def circuit_view(kind: str, data: Mapping[str, str]) -> dict[str, Any]:
 
 def rate_view(kind: str, data: Mapping[str, str], *, now: float | None = None) -> dict[str, Any]:
     """Headroom from `keys.rate_bucket(provider)` (fields per `worker.ratelimit`): the tokens
-    available now (refilled since `tokens_at`), the limit, and any 429 block in force."""
+    available now (refilled since `tokens_at`), the bucket's real capacity (`burst`, a tenth of
+    the limit), the limit, and any 429 block in force. Refill is `(limit - burst) / period`."""
     if kind != "hash":
         return {"known": False}
     now = time.time() if now is None else now
     limit, period = _num(data.get("limit")), _num(data.get("period"))
     tokens, at = _num(data.get("tokens")), _num(data.get("tokens_at"))
+    burst = _num(data.get("burst"))
+    if burst is None and limit:
+        burst = max(1.0, float(int(limit) // 10))  # a bucket written before `burst` was stored
     blocked = _num(data.get("blocked_until")) or 0.0
     out: dict[str, Any] = {"known": True}
     if limit is not None and period:
         out["limit"] = limit
         out["period_seconds"] = period
+        if burst is not None:
+            out["capacity"] = burst
     if tokens is not None:
-        if limit and period and at is not None and now > at:
-            tokens = min(limit, tokens + (now - at) * limit / period)
+        if limit and period and burst and at is not None and now > at:
+            refill = limit - burst if limit > burst else limit
+            tokens = min(burst, tokens + (now - at) * refill / period)
         out["tokens"] = round(tokens, 2)
     out["blocked_until"] = iso(blocked) if blocked > now else None
     blocks = _num(data.get("blocks"))

@@ -175,7 +175,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     rows = []
     for name, p in data["providers"].items():
         rate = p["rate_limit"]
-        headroom = f"{rate['tokens']:g}" + (f"/{rate['limit']:g}" if rate.get("limit") else "") \
+        headroom = f"{rate['tokens']:g}" + (f"/{rate['capacity']:g}" if rate.get("capacity") else "") \
             if "tokens" in rate else "-"
         oldest = p["oldest_retrying"]
         rows.append([name, p["circuit"]["state"], *(p["counts"][s] for s in STATE_ORDER), headroom,
