@@ -27,7 +27,7 @@ from aiohttp import web
 
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
 from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
-from worker.web import app as appmod
+from worker.web import keys as appmod
 from worker.web.middlewares import json_error
 
 log = logging.getLogger("clientsync.web.monitor")
