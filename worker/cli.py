@@ -229,9 +229,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout=args.timeout)
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("clientsync")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 # --- wiring -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clientsync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("schema", help="print the ClientChange JSON Schema").set_defaults(func=cmd_schema)

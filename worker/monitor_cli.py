@@ -210,7 +210,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _filters(p: argparse.ArgumentParser, *, state: bool) -> None:
     if state:
         p.add_argument("--state", help="queued, running, retrying, succeeded, skipped, dead or discarded")
-    p.add_argument("--provider")
+    # "-" is the provider of dead letters (messages that were not a valid change)
+    p.add_argument("--provider", choices=[*PROVIDER_NAMES, "-"], metavar="PROVIDER",
+                   help=f"one of: {', '.join(PROVIDER_NAMES)} (or - for invalid messages)")
     p.add_argument("--since", help="last update at or after (RFC 3339 or unix seconds)")
     p.add_argument("--until", help="last update at or before (RFC 3339 or unix seconds)")
 
