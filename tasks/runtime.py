@@ -122,8 +122,17 @@ class Runtime:
                 log.warning("heartbeat failed", exc_info=True)
             await asyncio.sleep(keys.HEARTBEAT_TTL_SECONDS / 3)
 
+    async def _forget_heartbeat(self) -> None:
+        """A clean stop removes this process's heartbeat at once: /readyz and the summary must
+        not count a worker that is gone (a killed one ages out with the key's TTL)."""
+        try:
+            await self.redis.delete(keys.heartbeat(self.context.owner))
+        except Exception:  # Redis away: the key expires on its own
+            log.warning("could not remove the heartbeat", exc_info=True)
+
     async def _close(self) -> None:
         self._beat_task.cancel()
+        await self._forget_heartbeat()
         self._trim_task.cancel()
         self._mover_task.cancel()
         self._sweep_task.cancel()

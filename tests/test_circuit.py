@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker import keys
-from worker.circuit import CircuitBreaker
+from worker.circuit import PROBE_MARGIN_SECONDS, CircuitBreaker, audit, credentials_fingerprint, operate
 
 T0 = 1_700_000_000_000  # an injected "now" in unix ms
 
@@ -136,3 +136,91 @@ async def test_the_circuit_hash_has_the_documented_fields(redis: aioredis.Redis)
     assert float(h["opened_at"]) == pytest.approx(T0 / 1000)
     assert float(h["reopen_at"]) == pytest.approx(T0 / 1000 + 10)
     assert float(h["cooldown"]) == 10
+
+
+# --- auth failures, operator controls, probe lease (issue 9 item 3, issue 11 item 6) ---------------
+async def test_an_auth_failure_holds_the_provider_until_the_credentials_change(redis: aioredis.Redis) -> None:
+    cb = breaker(redis)
+    state = await cb.record("p", "j1", "auth", now_ms=T0, fingerprint="old")
+    assert state.state == "auth_failed" and state.opened
+    # the same credentials: every job is held, whatever the time (no cool-down ends it)
+    for later in (T0 + 1, T0 + 10_000_000):
+        verdict = await cb.allow("p", "j2", now_ms=later, fingerprint="old")
+        assert verdict.state == "auth_failed" and verdict.held and not verdict.go
+    # new credentials: exactly one job probes them, the others wait for it
+    assert (await cb.allow("p", "j3", now_ms=T0 + 2, fingerprint="new")).state == "probe"
+    assert (await cb.allow("p", "j4", now_ms=T0 + 3, fingerprint="new")).state == "half_open"
+    assert (await cb.record("p", "j3", "success", now_ms=T0 + 4)).state == "closed"
+    assert (await cb.allow("p", "j5", now_ms=T0 + 5, fingerprint="old")).state == "closed"
+    assert await redis.hget(keys.circuit("p"), "auth_fp") is None
+
+
+async def test_new_credentials_refused_again_hold_the_provider_again(redis: aioredis.Redis) -> None:
+    cb = breaker(redis)
+    await cb.record("p", "j1", "auth", now_ms=T0, fingerprint="old")
+    assert (await cb.allow("p", "j2", now_ms=T0 + 1, fingerprint="new")).state == "probe"
+    assert (await cb.record("p", "j2", "auth", now_ms=T0 + 2, fingerprint="new")).state == "auth_failed"
+    assert (await cb.allow("p", "j3", now_ms=T0 + 3, fingerprint="new")).state == "auth_failed"
+    entries = await audit(redis)
+    assert [(e["action"], e["actor"]) for e in entries] == [("auth_failed", "worker")] * 2
+
+
+async def test_pause_holds_every_job_and_only_resume_or_probe_ends_it(redis: aioredis.Redis) -> None:
+    cb = breaker(redis)
+    done = await operate(redis, "p", "pause", actor="cli", note="maintenance")
+    assert (done["before"], done["after"]) == ("closed", "paused")
+    assert (await cb.allow("p", "j1")).state == "paused"
+    # outcomes of jobs that were already running change nothing
+    for outcome in ("success", "failure", "auth"):
+        assert (await cb.record("p", "j0", outcome)).state == "paused"  # type: ignore[arg-type]
+    assert (await operate(redis, "p", "probe", actor="api"))["after"] == "half_open"
+    assert (await cb.allow("p", "j2")).state == "probe"
+    assert (await cb.allow("p", "j3")).state == "half_open"
+    await operate(redis, "p", "pause", actor="api")
+    assert (await operate(redis, "p", "resume", actor="dashboard"))["after"] == "closed"
+    assert (await cb.allow("p", "j4")).state == "closed"
+    entries = await audit(redis)
+    assert [(e["action"], e["actor"], e["before"], e["after"]) for e in entries] == [
+        ("resume", "dashboard", "paused", "closed"), ("pause", "api", "half_open", "paused"),
+        ("probe", "api", "paused", "half_open"), ("pause", "cli", "closed", "paused")]
+    assert entries[-1]["note"] == "maintenance" and isinstance(entries[-1]["at"], float)
+
+
+async def test_probe_now_lets_the_next_job_probe_an_open_circuit_before_its_cool_down(
+        redis: aioredis.Redis) -> None:
+    cb = breaker(redis, cooldown=3600, max_cooldown=3600)
+    await trip(cb, now=T0)
+    assert (await cb.allow("p", "j1", now_ms=T0 + 1)).state == "open"
+    await operate(redis, "p", "probe")
+    assert (await cb.allow("p", "j1")).state == "probe"
+
+
+async def test_resume_ends_an_auth_failure_and_forgets_the_refused_credentials(redis: aioredis.Redis) -> None:
+    cb = breaker(redis)
+    await cb.record("p", "j1", "auth", fingerprint="old")
+    await operate(redis, "p", "resume")
+    assert (await cb.allow("p", "j2", fingerprint="old")).state == "closed"
+
+
+async def test_the_probe_lease_is_the_providers_call_timeout_plus_a_margin(redis: aioredis.Redis) -> None:
+    cb = breaker(redis, probe_lease=120)
+    await trip(cb, now=T0)
+    assert (await cb.allow("p", "prober", now_ms=T0 + 10_000, call_timeout=3.0)).state == "probe"
+    until = float(await redis.hget(keys.circuit("p"), "probe_until") or 0)
+    assert until * 1000 == T0 + 10_000 + (3.0 + PROBE_MARGIN_SECONDS) * 1000
+    # a probe holder that vanished is replaced once that lease is over
+    later = T0 + 10_000 + int((3.0 + PROBE_MARGIN_SECONDS) * 1000)
+    assert (await cb.allow("p", "other", now_ms=later - 1, call_timeout=3.0)).state == "half_open"
+    assert (await cb.allow("p", "other", now_ms=later + 1, call_timeout=3.0)).state == "probe"
+    # the configured lease stays a cap
+    assert cb.lease_for(600.0) == 120 and cb.lease_for(None) == 120
+
+
+def test_the_credentials_fingerprint_changes_with_a_secret_or_the_url_and_hides_them() -> None:
+    from worker.providers.qonto import QontoConfig
+
+    a = credentials_fingerprint(QontoConfig(token="one", url="http://127.0.0.1:1"))
+    assert a == credentials_fingerprint(QontoConfig(token="one", url="http://127.0.0.1:1", timeout=3))
+    assert a != credentials_fingerprint(QontoConfig(token="two", url="http://127.0.0.1:1"))
+    assert a != credentials_fingerprint(QontoConfig(token="one", url="http://127.0.0.1:2"))
+    assert "one" not in a and len(a) == 16

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import REPO, clean_env
@@ -72,3 +73,23 @@ def test_commands_that_need_redis_say_which_setting_is_missing() -> None:
 def test_a_bad_setting_is_named_with_its_env_var() -> None:
     out = clientsync("send", "examples/change.json", CLIENTSYNC_REDIS_URL="redis://x", CLIENTSYNC_PORT="http")
     assert out.returncode == 2 and "CLIENTSYNC_PORT" in out.stderr
+
+
+def test_version_and_provider_names_validated_against_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    from worker.cli import build_parser
+    from worker.models import PROVIDER_NAMES
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"clientsync {importlib.metadata.version('clientsync')}"
+    for argv in (["jobs", "--provider", "quonto"], ["replay", "--all-dead", "--provider", "quonto"],
+                 ["provider", "pause", "quonto"], ["check", "--provider", "quonto"]):
+        with pytest.raises(SystemExit) as bad:
+            build_parser().parse_args(argv)
+        assert bad.value.code == 2
+        err = capsys.readouterr().err
+        assert "invalid choice: 'quonto'" in err and all(name in err for name in PROVIDER_NAMES), argv
+    assert build_parser().parse_args(["jobs", "--provider", "qonto"]).provider == "qonto"

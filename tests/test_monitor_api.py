@@ -377,7 +377,9 @@ async def test_summary_counts_per_provider_with_oldest_retrying_and_tolerant_cir
     assert q["totals"]["enqueued"] == 3 and q["totals"]["retried"] == 2 and q["totals"]["dead"] == 1
     assert q["oldest_retrying"]["id"] == first
     assert q["circuit"]["state"] == "open" and q["circuit"]["failures"] == 5
-    assert 10 < q["rate_limit"]["tokens"] <= 1000 and q["rate_limit"]["limit"] == 1000
+    # the bucket holds a tenth of the limit: never more than 100 tokens shown for 1000 per 10 s
+    assert 10 < q["rate_limit"]["tokens"] <= 100 and q["rate_limit"]["limit"] == 1000
+    assert q["rate_limit"]["capacity"] == 100
     assert body["providers"]["lsp_expert"]["circuit"] == {"state": "unknown", "known": False}
     assert body["providers"]["grow_crm"]["circuit"] == {"state": "closed", "known": False}
     assert body["providers"]["grow_crm"]["rate_limit"] == {"known": False}
@@ -417,6 +419,10 @@ async def test_metrics_expose_shared_counters_latency_queue_and_circuit_without_
     assert "clientsync_webhooks_queued_total 1.0" in lines
     assert "clientsync_webhooks_duplicates_total 1.0" in lines
     assert 'clientsync_webhooks_rejected_total{reason="signature"} 1.0' in lines
+    import importlib.metadata
+    import platform
+    version = importlib.metadata.version("clientsync")
+    assert f'clientsync_build_info{{python="{platform.python_version()}",version="{version}"}} 1.0' in lines
     assert "@" not in text and TOKEN not in text and SECRET not in text
 
 

@@ -166,3 +166,19 @@ async def test_the_bucket_hash_has_the_documented_fields(redis: aioredis.Redis) 
     assert float(fields["limit"]) == 5 and float(fields["period"]) == 2 and fields["burst"] == "1"
     assert float(fields["blocked_until"]) == pytest.approx((T0 + 1000) / 1000)
     assert fields["blocks"] == "1"
+
+
+async def test_the_monitor_shows_the_real_bucket_a_tenth_of_the_limit(redis: aioredis.Redis) -> None:
+    from worker.monitor import rate_view
+
+    limiter = RateLimiter(redis, {"p": Limit(1000, 10.0)}, max_wait=0)
+    assert (await limiter.try_acquire("p")).granted
+    raw = await redis.hgetall(keys.rate_bucket("p"))
+    data = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()}
+    at = float(data["tokens_at"])
+    just_after = rate_view("hash", data, now=at)
+    assert just_after["tokens"] == 99 and just_after["capacity"] == 100 and just_after["limit"] == 1000
+    # refilled at (limit - burst) / period = 90 per second, and never past the bucket's 100
+    assert rate_view("hash", data, now=at + 0.01)["tokens"] == pytest.approx(99.9)
+    assert rate_view("hash", data, now=at + 60)["tokens"] == 100

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.models import ClientChange, change_json_schema
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, read_secret_files
 
 log = logging.getLogger("clientsync")
 
@@ -32,6 +32,16 @@ def _settings() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"CLIENTSYNC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise CliError(f"invalid settings: {problems}") from exc
+
+
+def _startup_settings() -> Settings:
+    """Every setting (provider ones too) validated before anything starts: a bad one stops us here."""
+    from worker.check import validate_config
+
+    try:
+        return validate_config()[0]
+    except SettingsError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _require_redis(settings: Settings) -> str:
@@ -97,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from worker.web.app import create_app
 
-    settings = _settings()
+    settings = _startup_settings()
     _logging(settings.log_level)
     url = _require_redis(settings)
     web.run_app(create_app(settings, url), host=args.host or settings.host, port=args.port or settings.port,
@@ -106,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _startup_settings()
     _require_redis(settings)
     from worker.providers import enabled_configs
     from worker.sync import lease_problems
@@ -154,13 +164,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.launcher import Stack
-    from worker.providers import enabled_configs
+    from worker.providers import enabled_configs, load_configs
 
+    _startup_settings()
     _logging("INFO")
-    stack = Stack()
     data_dir = str(Path(args.data_dir).resolve())
+    # var/ (the parent of --data-dir) keeps the children's logs and the generated secrets
+    var_dir = Path(data_dir).parent
+    stack = Stack(log_dir=var_dir / "logs", echo=True)
     redis_url = stack.ensure_redis(persist_dir=data_dir)
-    stack.ensure_secrets()
+    stack.ensure_secrets(var_dir / "secrets")
     for key, value in stack.env.items():
         if key.startswith("CLIENTSYNC_"):
             os.environ[key] = value
@@ -168,18 +181,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if use_sandbox:
             stack.start_sandbox(port=args.sandbox_port)
+            for key, value in stack.env.items():
+                if key.startswith("CLIENTSYNC_"):
+                    os.environ[key] = value
+        configs = load_configs()
         url = stack.start_receiver(port=args.port)
         stack.start_worker()
         secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
-        print(f"""
+        where = f"sandbox at http://127.0.0.1:{stack.sandbox_port}" if use_sandbox else "from CLIENTSYNC_* settings"
+        enabled = [name for name, cfg in configs.items() if cfg.is_configured()]
+        disabled = [f"\n    {name:16} disabled: {cfg.missing()}" for name, cfg in configs.items()
+                    if not cfg.is_configured()]
+        stack.say(f"""
 clientsync is running
   redis      {redis_url}{'  (embedded, data in ' + data_dir + ')' if stack.redis else ''}
-  providers  {'sandbox at http://127.0.0.1:' + str(stack.sandbox_port) if use_sandbox else 'from CLIENTSYNC_* settings'}
+  providers  {where}
+    enabled: {', '.join(enabled) or 'none'}{''.join(disabled)}
   webhooks   POST {url}/webhooks/clients   (Standard Webhooks signature)
   secret     CLIENTSYNC_WEBHOOK_SECRET={secret}
   monitor    {url}/dashboard   token: CLIENTSYNC_MONITOR_TOKEN={stack.env['CLIENTSYNC_MONITOR_TOKEN']}
+  logs       {stack.log_dir}/{{receiver,worker{',sandbox' if use_sandbox else ''}}}.log (also below, prefixed)
+  secrets    kept in {var_dir / 'secrets'} across restarts (unless set in the environment)
   send a change:  CLIENTSYNC_REDIS_URL={redis_url} clientsync send examples/change.json
-Stop with Ctrl-C.""", flush=True)
+Stop with Ctrl-C.""")
         stop = {"now": False}
 
         def _stop(*_: Any) -> None:
@@ -198,7 +222,7 @@ Stop with Ctrl-C.""", flush=True)
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
                 if name != "worker" or len(restarts) > 5:
                     raise CliError(f"{name} exited with status {proc.returncode}")
-                print(f"worker exited with status {proc.returncode}; restarting it", flush=True)
+                stack.say(f"worker exited with status {proc.returncode}; restarting it")
                 stack.procs.pop(name)
                 stack.start_worker()
             time.sleep(0.5)
@@ -214,9 +238,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(timeout=args.timeout)
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("clientsync")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 # --- wiring -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clientsync", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("schema", help="print the ClientChange JSON Schema").set_defaults(func=cmd_schema)
@@ -260,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules that add subcommand groups with a `register(subparsers)` function
-EXTENSIONS = ("worker.monitor_cli", "worker.link")
+EXTENSIONS = ("worker.monitor_cli", "worker.link", "worker.check")
 
 
 def _extensions() -> list[Any]:
@@ -279,9 +313,10 @@ def _extensions() -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        read_secret_files()
         result: int = args.func(args)
         return result
-    except CliError as exc:
+    except (CliError, SettingsError) as exc:
         print(f"clientsync: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

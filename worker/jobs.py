@@ -34,8 +34,9 @@ from pydantic import ValidationError
 
 from worker import keys
 from worker.backoff import RETRY_AFTER_MAX, retry_delay
-from worker.circuit import CircuitBreaker, CircuitState, Outcome, Verdict
+from worker.circuit import CircuitBreaker, CircuitState, Outcome, Verdict, credentials_fingerprint
 from worker.errors import (
+    AuthError,
     Busy,
     ClientSyncError,
     IdempotencyConflict,
@@ -115,6 +116,8 @@ class JobContext:
     circuit_recheck: float = 1.0
     #: the longest fallback countdown (keep it well under the broker's visibility timeout)
     countdown_max: float = 60.0
+    #: how often jobs held by an auth-failed or paused provider look again
+    hold_recheck: float = 5.0
 
 
 def before_call_hook(limiter: RateLimiter | None) -> Callable[[str], Awaitable[None]]:
@@ -203,8 +206,14 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     bound = {"event_id": change.event_id, "provider": provider, "attempt": attempt,
              "client": change.client.id, "email": mask_email(change.client.email)}
     token = f"{ctx.owner}:{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
-    verdict = await _allow(ctx, provider, token)
+    verdict = await _allow(ctx, provider, token, adapter)
     if verdict is not None and not verdict.go:
+        if verdict.held:
+            delay = ctx.hold_recheck * ctx.rng.uniform(0.5, 1.5)
+            why = (f"{provider} is paused by an operator" if verdict.state == "paused" else
+                   f"{provider} refused the credentials: jobs wait until they change or an operator resumes")
+            return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason=verdict.state,
+                               message=why)
         if verdict.state == "open":
             delay = verdict.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
             why = f"circuit open at {provider} after repeated failures; next probe in {verdict.wait:.1f}s"
@@ -249,6 +258,15 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         delay = min(exc.retry_after or 1.0, 5.0) + ctx.rng.uniform(0, 1.0)
         return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason=exc.kind,
                            message=mask_emails(str(exc)))
+    except AuthError as exc:
+        if ctx.circuit is None:
+            return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, None)
+        # Wrong credentials fail every job alike: hold them all (no attempt spent) instead of
+        # letting each die, until the credentials change or an operator resumes.
+        await _record(ctx, provider, token, "auth", fingerprint=credentials_fingerprint(adapter.config))
+        return await _wait(job_id, change, provider, attempt, ctx, bound, reason="auth_failed",
+                           delay=ctx.hold_recheck * ctx.rng.uniform(0.5, 1.5),
+                           message=f"{provider} refused the credentials ({exc.status}): {exc}")
     except ClientSyncError as exc:
         circuit = await _record(ctx, provider, token, _circuit_outcome(exc, calls[0]))
         return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, circuit)
@@ -287,21 +305,23 @@ def _circuit_outcome(exc: ClientSyncError, calls: int) -> Outcome:
     return "neutral"
 
 
-async def _allow(ctx: JobContext, provider: str, token: str) -> Verdict | None:
+async def _allow(ctx: JobContext, provider: str, token: str, adapter: ProviderAdapter) -> Verdict | None:
     if ctx.circuit is None:
         return None
     try:
-        return await ctx.circuit.allow(provider, token)
+        return await ctx.circuit.allow(provider, token, call_timeout=adapter.config.timeout,
+                                       fingerprint=credentials_fingerprint(adapter.config))
     except Exception:  # fail open: a breaker we cannot read must not strand the job
         log.warning("circuit check failed for %s; going ahead", provider, exc_info=True)
         return None
 
 
-async def _record(ctx: JobContext, provider: str, token: str, outcome: Outcome) -> CircuitState | None:
+async def _record(ctx: JobContext, provider: str, token: str, outcome: Outcome, *,
+                  fingerprint: str = "") -> CircuitState | None:
     if ctx.circuit is None:
         return None
     try:
-        return await ctx.circuit.record(provider, token, outcome)
+        return await ctx.circuit.record(provider, token, outcome, fingerprint=fingerprint)
     except Exception:  # the job's own outcome matters more than the breaker's bookkeeping
         log.warning("circuit bookkeeping failed for %s", provider, exc_info=True)
         return None

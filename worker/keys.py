@@ -86,6 +86,12 @@ def circuit(provider: str) -> str:
     return f"{PREFIX}circuit:{provider}"
 
 
+#: list of JSON audit entries (operator pause/resume/probe, automatic auth pauses), newest first,
+#: trimmed to AUDIT_MAX
+AUDIT = f"{PREFIX}audit"
+AUDIT_MAX = 1000
+
+
 #: sorted set of parked retries (JSON task payloads) scored by due time (ms)
 DELAYED = f"{PREFIX}delayed"
 

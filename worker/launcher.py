@@ -6,6 +6,7 @@ all of them exercise the same real processes an operator runs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import secrets
@@ -15,8 +16,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker.redis_server import EmbeddedRedis, die_with_parent, free_port
 from worker.sandbox import SIMULATORS
@@ -45,6 +48,23 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
     raise RuntimeError(f"{url} did not come up within {timeout:g}s")
 
 
+_print_lock = threading.Lock()
+
+
+def _pump(name: str, proc: subprocess.Popen[bytes], log: Any) -> None:
+    """Copy a child's output line by line to its log file and, prefixed `[name]`, to stdout."""
+    assert proc.stdout is not None
+    prefix = f"[{name}] ".encode()
+    for line in iter(proc.stdout.readline, b""):
+        if log is not None:
+            log.write(line)
+            log.flush()
+        with _print_lock, contextlib.suppress(OSError, ValueError):
+            sys.stdout.buffer.write(prefix + line)
+            sys.stdout.buffer.flush()
+    proc.stdout.close()
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -59,6 +79,8 @@ class Stack:
     sandbox_port: int | None = None
     receiver_port: int | None = None
     log_dir: Path | None = None
+    #: also copy every child's output to this process's stdout, each line prefixed `[name]`
+    echo: bool = False
 
     @property
     def redis_url(self) -> str:
@@ -75,23 +97,52 @@ class Stack:
             self.env["CLIENTSYNC_REDIS_URL"] = self.redis.url
         return self.env["CLIENTSYNC_REDIS_URL"]
 
-    def ensure_secrets(self) -> None:
-        if not self.env.get("CLIENTSYNC_WEBHOOK_SECRET"):
-            import base64
+    def ensure_secrets(self, persist_dir: Path | None = None) -> None:
+        """A webhook secret and a monitor token for a local run, unless the environment sets them.
 
-            self.env["CLIENTSYNC_WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        if not self.env.get("CLIENTSYNC_MONITOR_TOKEN"):
-            self.env["CLIENTSYNC_MONITOR_TOKEN"] = secrets.token_urlsafe(24)
+        With `persist_dir`, generated ones are kept there (mode 0600) and reused on the next
+        start, so a configured sender and a signed-in dashboard keep working across restarts.
+        """
+        generators: dict[str, Callable[[], str]] = {
+            "CLIENTSYNC_WEBHOOK_SECRET": lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            # 43 characters: well above the 32 the receiver requires of a monitor token
+            "CLIENTSYNC_MONITOR_TOKEN": lambda: secrets.token_urlsafe(32),
+        }
+        for name, make in generators.items():
+            if self.env.get(name, "").strip():
+                continue
+            path = persist_dir / name.removeprefix("CLIENTSYNC_").lower() if persist_dir else None
+            value = path.read_text().strip() if path is not None and path.is_file() else ""
+            if not value:
+                value = make()
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as handle:
+                        handle.write(value + "\n")
+            self.env[name] = value
+
+    @staticmethod
+    def say(text: str) -> None:
+        """Print to stdout without interleaving with the children's prefixed lines."""
+        with _print_lock:
+            print(text, flush=True)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         out: int | object = subprocess.DEVNULL
+        log = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            out = log
+        if self.echo:
+            out = subprocess.PIPE
         proc = subprocess.Popen(  # noqa: S603
             args, env=self.env, stdout=out, stderr=subprocess.STDOUT,  # type: ignore[arg-type]
             start_new_session=True, preexec_fn=die_with_parent,
         )
+        if self.echo:
+            threading.Thread(target=_pump, args=(name, proc, log), name=f"log-{name}", daemon=True).start()
         self.procs[name] = proc
         return proc
 

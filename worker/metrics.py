@@ -16,6 +16,8 @@ Labels are provider names, states and fixed reasons only: no email, event id or 
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,7 +114,7 @@ class SnapshotCollector:
                                     labels=["provider", "state"])
         for p, v in providers.items():
             current = v["circuit"]["state"]
-            for name in ("closed", "open", "half_open", "unknown"):
+            for name in ("closed", "open", "half_open", "auth_failed", "paused", "unknown"):
                 circuit.add_metric([p, name], 1.0 if name == current else 0.0)
         yield circuit
         letters = CounterMetricFamily("clientsync_dead_letters",
@@ -128,6 +130,24 @@ class SnapshotCollector:
             if "tokens" in v["rate_limit"]:
                 tokens.add_metric([p], v["rate_limit"]["tokens"])
         yield tokens
+        capacity = GaugeMetricFamily("clientsync_rate_limit_capacity",
+                                     "Rate-limit bucket size per provider (calls that may start at once).",
+                                     labels=["provider"])
+        for p, v in providers.items():
+            if "capacity" in v["rate_limit"]:
+                capacity.add_metric([p], v["rate_limit"]["capacity"])
+        yield capacity
+        info = GaugeMetricFamily("clientsync_build_info", "clientsync's version and Python (always 1).",
+                                 labels=["version", "python"])
+        info.add_metric([_version(), platform.python_version()], 1.0)
+        yield info
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("clientsync")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def render(snapshot: dict[str, Any], local: ReceiverMetrics) -> bytes:

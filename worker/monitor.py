@@ -35,9 +35,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker import keys
+from worker import circuit, keys
 from worker.ledger import COUNTERS, LATENCY_BUCKETS, STATES, Ledger, bucket_label
-from worker.models import mask_email
+from worker.models import PROVIDER_NAMES, mask_email
 from worker.parking import apply_message, task_key
 
 #: must equal `tasks.sync.APPLY_TASK` (worker never imports tasks; a test checks they agree)
@@ -284,36 +284,45 @@ def circuit_view(kind: str, data: Mapping[str, str]) -> dict[str, Any]:
         return {"state": "closed", "known": False}
     raw = data.get("state") if kind == "hash" else data.get("value")
     state = str(raw).lower().replace("-", "_") if raw else "unknown"
-    if state not in ("closed", "open", "half_open"):
+    if state not in ("closed", "open", "half_open", "auth_failed", "paused"):
         state = "unknown"
     out: dict[str, Any] = {"state": state, "known": state != "unknown"}
     for name in ("failures", "opens", "cooldown"):
         value = _num(data.get(name))
         if value is not None:
             out[name] = value
-    for name in ("opened_at", "reopen_at", "updated_at"):
+    for name in ("opened_at", "reopen_at", "updated_at", "probe_until"):
         out_at = iso(_num(data.get(name)))
         if out_at:
             out[name] = out_at
+    if state == "paused" and data.get("paused_by"):
+        out["paused_by"] = str(data["paused_by"])
     return out
 
 
 def rate_view(kind: str, data: Mapping[str, str], *, now: float | None = None) -> dict[str, Any]:
     """Headroom from `keys.rate_bucket(provider)` (fields per `worker.ratelimit`): the tokens
-    available now (refilled since `tokens_at`), the limit, and any 429 block in force."""
+    available now (refilled since `tokens_at`), the bucket's real capacity (`burst`, a tenth of
+    the limit), the limit, and any 429 block in force. Refill is `(limit - burst) / period`."""
     if kind != "hash":
         return {"known": False}
     now = time.time() if now is None else now
     limit, period = _num(data.get("limit")), _num(data.get("period"))
     tokens, at = _num(data.get("tokens")), _num(data.get("tokens_at"))
+    burst = _num(data.get("burst"))
+    if burst is None and limit:
+        burst = max(1.0, float(int(limit) // 10))  # a bucket written before `burst` was stored
     blocked = _num(data.get("blocked_until")) or 0.0
     out: dict[str, Any] = {"known": True}
     if limit is not None and period:
         out["limit"] = limit
         out["period_seconds"] = period
+        if burst is not None:
+            out["capacity"] = burst
     if tokens is not None:
-        if limit and period and at is not None and now > at:
-            tokens = min(limit, tokens + (now - at) * limit / period)
+        if limit and period and burst and at is not None and now > at:
+            refill = limit - burst if limit > burst else limit
+            tokens = min(burst, tokens + (now - at) * refill / period)
         out["tokens"] = round(tokens, 2)
     out["blocked_until"] = iso(blocked) if blocked > now else None
     blocks = _num(data.get("blocks"))
@@ -534,6 +543,22 @@ class Monitor:
         if outcome != "ok":
             raise NotAllowed(job_id, outcome, f"job is {outcome}; only dead jobs can be discarded")
         return {"id": job_id, "status": "discarded"}
+
+    # --- provider controls (worker.circuit) -----------------------------------------------------
+    async def provider_action(self, provider: str, action: str, *, actor: str, note: str = "") -> dict[str, Any]:
+        """Pause, resume or probe a provider now; recorded in the audit list."""
+        if provider not in PROVIDER_NAMES:
+            raise InvalidParam("provider", f"must be one of {', '.join(PROVIDER_NAMES)}")
+        if action not in circuit.ACTIONS:
+            raise InvalidParam("action", f"must be one of {', '.join(circuit.ACTIONS)}")
+        return await circuit.operate(self.redis, provider, action, actor=actor, note=note)
+
+    async def audit(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Operator actions and automatic pauses, newest first (times as ISO 8601)."""
+        entries = await circuit.audit(self.redis, limit=limit)
+        for entry in entries:
+            entry["at"] = iso(entry.get("at"))
+        return entries
 
     # --- health --------------------------------------------------------------------------------
     async def snapshot(self) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from worker import circuit
 from worker.cli import CliError, _require_redis, _settings
+from worker.models import PROVIDER_NAMES
 from worker.monitor import (
     MAX_BULK,
     MAX_LIMIT,
@@ -193,7 +195,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     rows = []
     for name, p in data["providers"].items():
         rate = p["rate_limit"]
-        headroom = f"{rate['tokens']:g}" + (f"/{rate['limit']:g}" if rate.get("limit") else "") \
+        headroom = f"{rate['tokens']:g}" + (f"/{rate['capacity']:g}" if rate.get("capacity") else "") \
             if "tokens" in rate else "-"
         oldest = p["oldest_retrying"]
         rows.append([name, p["circuit"]["state"], *(p["counts"][s] for s in STATE_ORDER), headroom,
@@ -203,11 +205,34 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provider(args: argparse.Namespace) -> int:
+    try:
+        result = _run(lambda m: m.provider_action(args.provider, args.action, actor="cli", note=args.note or ""))
+    except InvalidParam as exc:
+        raise CliError(f"{exc.field}: {exc.rule}") from exc
+    print(f"{result['provider']}: {result['action']} ({result['before']} -> {result['after']})")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    entries = _run(lambda m: m.audit(limit=args.limit))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [[short_time(e.get("at")), e.get("provider"), e.get("action"), e.get("actor"),
+             f"{e.get('before', '')} -> {e.get('after', '')}" if e.get("before") else "", e.get("note")]
+            for e in entries]
+    print(table(["at", "provider", "action", "actor", "circuit", "note"], rows))
+    return 0
+
+
 # --- wiring -----------------------------------------------------------------------------------------
 def _filters(p: argparse.ArgumentParser, *, state: bool) -> None:
     if state:
         p.add_argument("--state", help="queued, running, retrying, succeeded, skipped, dead or discarded")
-    p.add_argument("--provider")
+    # "-" is the provider of dead letters (messages that were not a valid change)
+    p.add_argument("--provider", choices=[*PROVIDER_NAMES, "-"], metavar="PROVIDER",
+                   help=f"one of: {', '.join(PROVIDER_NAMES)} (or - for invalid messages)")
     p.add_argument("--since", help="last update at or after (RFC 3339 or unix seconds)")
     p.add_argument("--until", help="last update at or before (RFC 3339 or unix seconds)")
 
@@ -247,6 +272,21 @@ def register(sub: Any) -> None:
     p.add_argument("--adopt", metavar="PROVIDER_ID", help="link the client to this candidate (see `clientsync job`)")
     p.add_argument("--create", action="store_true", help="create a new record at the provider instead")
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("provider", help="pause, resume or probe a provider now (recorded in the audit list)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", choices=list(circuit.ACTIONS),
+                   help="pause: hold its jobs; resume: close the circuit (also after fixing credentials); "
+                        "probe: the next job probes at once")
+    p.add_argument("provider", choices=list(PROVIDER_NAMES))
+    p.add_argument("--note", help="why (kept in the audit list)")
+    p.set_defaults(func=cmd_provider)
+
+    p = sub.add_parser("audit", help="operator actions and automatic pauses, newest first",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("summary", help="per-provider health: jobs by state, circuit, rate limit")
     p.add_argument("--json", action="store_true")

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from worker import keys
 from worker.inflight import TRACK_LUA
 from worker.lua import NOW_LUA
-from worker.models import ClientChange
+from worker.models import ClientChange, mask_emails
 
 SYNC_TASK = "clientsync.sync_client"
 
@@ -41,6 +41,11 @@ local space = held and string.find(held, ' ', 1, true)
 if space and string.sub(held, space + 1) ~= ARGV[4] then return 2 end
 return 0
 """
+
+
+def _readable(value: Any, limit: int = 1000) -> str:
+    text = mask_emails(json.dumps(value, ensure_ascii=False, default=str))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: str, task_id: str) -> str:
@@ -63,8 +68,9 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: s
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            "argsrepr": f"<{len(args)} args>",
-            "kwargsrepr": "{}",
+            # what Flower and `celery inspect` show: readable, with emails masked, bounded
+            "argsrepr": _readable(args),
+            "kwargsrepr": _readable(kwargs),
             "origin": f"{os.getpid()}@{socket.gethostname()}",
             "ignore_result": True,
         },

@@ -2,18 +2,88 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY = 24 * 3600
 #: the shortest monitor token accepted: a guessable one would open the ledger's personal data
 MIN_TOKEN = 32
+ENV_PREFIX = "CLIENTSYNC_"
+#: `CLIENTSYNC_<NAME>_FILE=/path` sets `CLIENTSYNC_<NAME>` from that file (Docker/Kubernetes secrets)
+FILE_SUFFIX = "_FILE"
+
+
+class SettingsError(ValueError):
+    """Configuration an operator must fix; the message names each variable and its rule."""
+
+
+def drop_empty(data: Any) -> Any:
+    """Empty means unset: compose and .env files pass unset variables as "" (a blank value is no value)."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+    return data
+
+
+def read_secret_files(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Resolve every `CLIENTSYNC_*_FILE` into its variable (in place); returns the names set.
+
+    Trailing newlines are dropped (`echo secret > file`). Setting both a variable and its
+    `_FILE` is refused, as is a file that cannot be read.
+    """
+    env = os.environ if environ is None else environ
+    done = []
+    for key in sorted(env):
+        if not (key.startswith(ENV_PREFIX) and key.endswith(FILE_SUFFIX)) or not env[key].strip():
+            continue
+        target = key[: -len(FILE_SUFFIX)]
+        if env.get(target, "").strip():
+            raise SettingsError(f"{target} and {key} are both set: set only one of them")
+        try:
+            with open(env[key].strip(), encoding="utf-8") as handle:
+                value = handle.read().rstrip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"{key}: cannot read {env[key].strip()!r} ({exc.strerror})") from exc
+        if not value.strip():
+            raise SettingsError(f"{key}: the file {env[key].strip()!r} is empty")
+        env[target] = value
+        done.append(target)
+    return done
+
+
+def env_name(model: type[BaseModel], field: str) -> str:
+    """The environment variable that sets `field` of a settings class."""
+    prefix = str(model.model_config.get("env_prefix", ""))
+    return f"{prefix}{field}".upper()
+
+
+def describe_errors(model: type[BaseModel], exc: ValidationError) -> list[str]:
+    """One line per invalid setting: the variable, the rule, and (unless secret) the value given."""
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        field = str(loc[0]) if loc else ""
+        name = env_name(model, field) if field else model.__name__
+        info = model.model_fields.get(field)
+        secret = info is not None and "SecretStr" in repr(info.annotation)
+        got = "" if secret or "input" not in error or isinstance(error["input"], dict) \
+            else f" (got {error['input']!r})"
+        lines.append(f"{name}: {error['msg']}{got}")
+    return lines
 
 
 class Settings(BaseSettings):
     """Process-wide settings. Provider settings live with each adapter (`worker.providers`)."""
 
-    model_config = SettingsConfigDict(env_prefix="CLIENTSYNC_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_ignore_empty=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, data: Any) -> Any:
+        return drop_empty(data)
 
     redis_url: str | None = Field(
         None, description="Redis for broker and state; unset = start an embedded redis-server."

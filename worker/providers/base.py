@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import aiohttp
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import (
@@ -36,7 +36,7 @@ from worker.models import Client
 class ProviderConfig(BaseSettings):
     """Settings every provider has. Subclasses add credentials and set `env_prefix`."""
 
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
     url: str | None = Field(None, description="Base URL; unset = the provider's public API.")
     timeout: float = Field(15.0, gt=0, description="Seconds for one HTTP call.")
@@ -56,6 +56,15 @@ class ProviderConfig(BaseSettings):
     )
     retry_base: float | None = Field(None, gt=0)
     retry_cap: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_unset(cls, data: Any) -> Any:
+        # Compose and .env files pass unset variables as "": a blank value is no value, so a
+        # provider is never enabled (nor a default replaced) by an empty string.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(v, str) and not v.strip())}
+        return data
 
     def is_configured(self) -> bool:
         """True when the credentials this provider needs are set."""

@@ -8,23 +8,17 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from worker.metrics import ReceiverMetrics
-from worker.monitor import Monitor
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.web import dashboard, handlers
 from worker.web import monitor as monitor_web
+from worker.web.keys import METRICS, MONITOR, PRODUCER, REDIS, SETTINGS, WEBHOOK_KEYS
 from worker.web.middlewares import error_middleware
 from worker.web.signatures import decode_secret
 
 log = logging.getLogger("clientsync.web")
 
-SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", aioredis.Redis)
-PRODUCER = web.AppKey("producer", Producer)
-WEBHOOK_KEYS: web.AppKey[list[bytes]] = web.AppKey("webhook_keys")
-MONITOR = web.AppKey("monitor", Monitor)
-METRICS = web.AppKey("metrics", ReceiverMetrics)
+__all__ = ["METRICS", "MONITOR", "PRODUCER", "REDIS", "SETTINGS", "WEBHOOK_KEYS", "create_app", "setup_routes"]
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from worker import safejson
 from worker.ledger import Attempt
 from worker.models import ClientChange, change_json_schema
-from worker.web import app as appmod
+from worker.web import keys as appmod
 from worker.web.middlewares import json_error
 from worker.web.signatures import SignatureError, verify
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from worker import keys, safejson
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
 from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
-from worker.web import app as appmod
+from worker.web import keys as appmod
 from worker.web.middlewares import json_error
 
 log = logging.getLogger("clientsync.web.monitor")
@@ -351,6 +351,32 @@ async def replay_bulk(request: web.Request) -> web.Response:
     return _ok(result, status=200 if dry_run else 202)
 
 
+@protected
+async def provider_action(request: web.Request) -> web.Response:
+    """`POST /monitor/providers/{provider}/{action}`: pause, resume or probe now; recorded."""
+    provider, action = request.match_info["provider"], request.match_info["action"]
+    try:
+        body = await _json_body(request, required=False)
+        _check_known(body, {"note"}, "field")
+        # the dashboard says so in a header; anything else with the token is the API
+        actor = "dashboard" if request.headers.get(CSRF_HEADER) else "api"
+        result = await _monitor(request).provider_action(provider, action, actor=actor, note=_note(body, ""))
+    except InvalidParam as exc:
+        return _bad(exc)
+    return _ok(result)
+
+
+@protected
+async def audit(request: web.Request) -> web.Response:
+    """`GET /monitor/audit`: operator actions and automatic pauses, newest first."""
+    try:
+        _check_known(request.query.keys(), {"limit"}, "query parameter")
+        limit = parse_limit(request.query.get("limit"), default=100, maximum=1000)
+    except InvalidParam as exc:
+        return _bad(exc)
+    return _ok({"entries": await _monitor(request).audit(limit=limit)})
+
+
 async def openapi(request: web.Request) -> web.Response:
     """`GET /monitor/openapi.yaml` (public: it documents the API, it holds no data)."""
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
@@ -393,3 +419,5 @@ def setup(app: web.Application) -> None:
     r.add_post("/monitor/jobs/{id:.+}/discard", discard_job)
     r.add_post("/monitor/jobs/{id:.+}/resolve", resolve_job)
     r.add_get("/monitor/jobs/{id:.+}", get_job)
+    r.add_post("/monitor/providers/{provider}/{action}", provider_action)
+    r.add_get("/monitor/audit", audit)

@@ -124,7 +124,8 @@ function renderProviders(summary) {
       : c.retrying > 0 || p.circuit.state === "half_open" ? "warn" : "ok";
     const label = name === "-" ? "(invalid messages)" : name;
     const rate = p.rate_limit.known && p.rate_limit.tokens !== undefined
-      ? `${p.rate_limit.tokens}${p.rate_limit.limit ? " / " + p.rate_limit.limit : ""} tokens`
+      ? `${p.rate_limit.tokens}${p.rate_limit.capacity ? " / " + p.rate_limit.capacity : ""} tokens`
+        + (p.rate_limit.limit ? ` (limit ${p.rate_limit.limit} per ${p.rate_limit.period_seconds} s)` : "")
         + (p.rate_limit.blocked_until ? `, blocked until ${p.rate_limit.blocked_until}` : "")
       : "no limit recorded";
     const oldest = p.oldest_retrying

@@ -1,0 +1,64 @@
+"""Status tells the truth: a worker that stopped cleanly is gone from /readyz and the summary at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import redis
+
+from tests.conftest import clean_env
+from worker import keys
+from worker.launcher import Stack
+
+
+def readyz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_a_cleanly_stopped_worker_removes_its_heartbeat_and_readyz_says_not_ready(
+        fresh_redis_url: str, tmp_path: Path) -> None:
+    stack = Stack(env=clean_env(CLIENTSYNC_REDIS_URL=fresh_redis_url), log_dir=tmp_path / "logs")
+    client = redis.Redis.from_url(fresh_redis_url)
+    try:
+        stack.ensure_secrets()
+        stack.start_receiver()
+        worker = stack.start_worker("worker0", concurrency=2)
+        deadline = time.monotonic() + 60
+        while not client.keys(keys.HEARTBEAT_PATTERN) or readyz(stack.receiver_url) != 200:
+            assert time.monotonic() < deadline, "the worker never became ready"
+            time.sleep(0.1)
+        os.killpg(worker.pid, signal.SIGTERM)  # a clean stop (Celery's warm shutdown)
+        assert worker.wait(60) == 0
+        # The process is gone: its heartbeat is gone with it (not 30 s later).
+        assert client.keys(keys.HEARTBEAT_PATTERN) == []
+        assert readyz(stack.receiver_url) == 503
+    finally:
+        client.close()
+        stack.stop()
+
+
+def test_flower_sees_readable_arguments_with_emails_masked() -> None:
+    import base64
+    import json
+
+    from worker.producer import task_message
+
+    change = {"event_id": "evt-flower-1", "client": {"id": "c-1", "email": "jane.doe@example.com"}}
+    message = json.loads(task_message("clientsync.sync_client", [change], {"attempt": 2}, queue="celery",
+                                      task_id="t-1"))
+    headers = message["headers"]
+    assert "evt-flower-1" in headers["argsrepr"] and "c-1" in headers["argsrepr"]
+    assert "jane.doe@example.com" not in headers["argsrepr"] and "@" in headers["argsrepr"]
+    assert json.loads(headers["kwargsrepr"]) == {"attempt": 2}
+    # the body (what the worker runs) keeps the real change
+    body = json.loads(base64.b64decode(message["body"]))
+    assert body[0] == [change]
