@@ -36,7 +36,7 @@ async def test_a_job_is_indexed_by_state_provider_client_and_time(r: aioredis.Re
     assert await r.zscore(keys.jobs_of_provider_in_state("qonto", "dead"), job)
     assert await r.zscore(keys.JOBS_FINISHED, job)
     assert await ledger.counts() == {"queued": 0, "running": 0, "retrying": 0, "succeeded": 0, "skipped": 0,
-                                     "dead": 1, "discarded": 0}
+                                     "dead": 1, "discarded": 0, "needs_attention": 0}
 
 
 async def test_transitions_count_per_provider_once_and_time_receipt_to_applied(r: aioredis.Redis) -> None:
