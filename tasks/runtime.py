@@ -28,6 +28,7 @@ from worker.jobs import JobContext, RetryPolicy, before_call_hook
 from worker.ledger import Ledger
 from worker.parking import Parking
 from worker.providers import adapter_class, load_configs
+from worker.providers.qonto_auth import RedisTokenStore
 from worker.ratelimit import RateLimiter, limit_for
 from worker.settings import Settings
 from worker.store import SyncStore
@@ -82,6 +83,8 @@ class Runtime:
         limiter = RateLimiter(self.redis, limits, max_wait=s.rate_wait_seconds)
         for adapter in adapters.values():
             adapter.before_call = before_call_hook(limiter)
+            if hasattr(adapter, "token_store"):  # OAuth providers share their token through Redis
+                adapter.token_store = RedisTokenStore(self.redis, adapter.name)
         parking = Parking(self.redis, queue=s.queue)
         self._mover_task = asyncio.get_running_loop().create_task(parking.run_mover(s.park_poll_seconds))
         inflight = Inflight(self.redis, queue=s.queue, grace_seconds=s.inflight_grace_seconds)

@@ -167,3 +167,21 @@ AUTH_FAILURE_WINDOW_SECONDS = 15 * 60
 
 #: hash state -> score (ms) up to which finished jobs' stored changes were already dropped
 LEDGER_SCRUBBED = f"{PREFIX}jobs:scrubbed"
+
+
+# --- provider OAuth tokens (worker.providers.qonto_auth) ---
+def oauth_token(provider: str) -> str:
+    """Hash: the provider's current OAuth token set (access_token, refresh_token, expires_at, seed),
+    shared by every worker. Its TTL is the refresh token's lifetime, renewed on every refresh."""
+    return f"{PREFIX}oauth:{provider}"
+
+
+def oauth_refresh_lock(provider: str) -> str:
+    """The single-flight refresh lock: one worker refreshes, the others wait for its result."""
+    return f"{PREFIX}oauth:{provider}:lock"
+
+
+#: Qonto's refresh tokens live 90 days (docs.qonto.com, OAuth "Token endpoint")
+OAUTH_TOKEN_TTL_SECONDS = 90 * 24 * 3600
+#: a refresh that has not finished by then (a crashed holder) lets another worker try
+OAUTH_REFRESH_LOCK_SECONDS = 30

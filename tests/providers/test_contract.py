@@ -154,15 +154,10 @@ async def test_create_get_find_update_delete_lifecycle(env: Env) -> None:
     assert_core_survives(env.name, client, got)
     assert getattr(got, clearable) is not None, f"{clearable} must be held before it can be removed"
 
-    if hasattr(env.adapter, "find"):  # adapters not yet moved to `search` (issue 7)
-        found = await env.adapter.find(client)
-        assert found is not None
-        assert found.id == remote.id
-    else:
-        from worker.identity import exact_matches, lookalikes
+    from worker.identity import exact_matches, lookalikes
 
-        found_all = await exact_matches(env.adapter, client) or await lookalikes(env.adapter, client, since=None)
-        assert [r.id for r in found_all] == [remote.id]
+    found_all = await exact_matches(env.adapter, client) or await lookalikes(env.adapter, client, since=None)
+    assert [r.id for r in found_all] == [remote.id]
 
     changed = client.model_copy(update={"name": "Renamed Engines", clearable: None})
     await env.adapter.update(remote.id, changed)
