@@ -287,7 +287,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         await ctx.ledger.skipped(job_id, done, reason=outcome.reason or "skipped",
                                  provider_id=outcome.provider_id)
     else:
-        await ctx.ledger.succeeded(job_id, done, result=outcome.result, provider_id=outcome.provider_id)
+        await ctx.ledger.succeeded(job_id, done, result=outcome.result, provider_id=outcome.provider_id,
+                                   unsupported=outcome.unsupported)
     await _record(ctx, provider, token, "success" if calls[0] else "neutral")
     log.info("applied %s", {**bound, "result": outcome.result, "reason": outcome.reason,
                             "replayed": outcome.replayed, "ms": round(took, 1)})

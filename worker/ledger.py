@@ -371,10 +371,12 @@ class Ledger:
             "last_error_class": attempt.error_class or "",
         })
 
-    async def succeeded(self, job_id: str, attempt: Attempt, *, result: str, provider_id: str | None) -> None:
+    async def succeeded(self, job_id: str, attempt: Attempt, *, result: str, provider_id: str | None,
+                        unsupported: Sequence[str] = ()) -> None:
+        """`unsupported`: canonical fields the provider could not take (shown on the job)."""
         await self._move(job_id, "succeeded", mode="force", attempt=attempt, fields={
             "result": result, "provider_id": provider_id, "reason": None, "next_attempt_at": None,
-            "finished_at": attempt.at,
+            "finished_at": attempt.at, "unsupported": ",".join(unsupported) or None,
         })
 
     async def skipped(self, job_id: str, attempt: Attempt, *, reason: str, provider_id: str | None) -> None:

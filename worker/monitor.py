@@ -246,6 +246,7 @@ def _row(job_id: str, raw: Mapping[str, str]) -> dict[str, Any]:
         "result": raw.get("result") or None,
         "reason": raw.get("reason") or None,
         "provider_id": raw.get("provider_id") or None,
+        "unsupported_fields": [f for f in (raw.get("unsupported") or "").split(",") if f],
     })
     return row
 

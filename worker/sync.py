@@ -58,16 +58,19 @@ class Outcome:
     reason: str | None = None  # for skipped: stale | unsupported | not_linked
     #: True when a completed idempotency key answered and the provider was not called
     replayed: bool = False
+    #: canonical fields set on the client that this provider could not take (nothing dropped silently)
+    unsupported: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("replayed")
+        data["unsupported"] = list(self.unsupported)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, replayed: bool = False) -> Outcome:
         return cls(result=data["result"], provider_id=data.get("provider_id"), reason=data.get("reason"),
-                   replayed=replayed)
+                   replayed=replayed, unsupported=tuple(data.get("unsupported") or ()))
 
 
 async def apply_change(
@@ -278,7 +281,9 @@ class _Run:
 
     def _done(self, result: Result, remote_id: str) -> tuple[Outcome, dict[str, Any]]:
         self.wrote = True
-        return Outcome(result, remote_id), {"link": remote_id, "mark": self.mark, "deleted": False}
+        unsupported = tuple(self.adapter.unsupported_fields(self.client))
+        return (Outcome(result, remote_id, unsupported=unsupported),
+                {"link": remote_id, "mark": self.mark, "deleted": False})
 
     async def _update_link(self, link: str) -> tuple[Outcome, dict[str, Any]]:
         try:

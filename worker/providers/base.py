@@ -177,6 +177,9 @@ class ProviderAdapter(ABC):
     busy_on_409: ClassVar[bool] = False
     #: how a record is recognised as one source client's (see `Identity`)
     identity: ClassVar[Identity] = Identity()
+    #: canonical `Client` field -> how this provider takes it: "sent as <wire field> ...",
+    #: "derived: ..." or "not supported ..." (docs/providers.md is generated from it)
+    field_map: ClassVar[dict[str, str]] = {}
     #: written before the source id in the stamp field, so a value the provider or a person put
     #: there (Invoice Ninja numbers every client itself) is never read as a source id
     STAMP_PREFIX: ClassVar[str] = "cs:"
@@ -283,6 +286,16 @@ class ProviderAdapter(ABC):
     @abstractmethod
     async def get(self, remote_id: str) -> RemoteClient:
         """Fetch one client; raise `NotFound` if the provider does not know it."""
+
+    def unsupported_fields(self, client: Client) -> list[str]:
+        """The canonical fields set on `client` (not at their default) that this provider cannot
+        take, per `field_map`; recorded on the job so nothing is dropped silently. Adapters add
+        the cases a field map cannot say (a value of the right field in a form it cannot hold)."""
+        return [
+            name for name, how in self.field_map.items()
+            if name != "id" and how.startswith("not supported")
+            and getattr(client, name) not in (None, "", (), Client.model_fields[name].default)
+        ]  # fmt: skip
 
     # --- identity (data for `worker.identity`; see `Identity`) ---------------------------
     @property

@@ -171,11 +171,7 @@ class GrowCRM(ProviderAdapter):
     # --- mapping -----------------------------------------------------------------------
     def unsupported_fields(self, client: Client) -> list[str]:
         """The canonical fields set on `client` that Grow CRM cannot hold."""
-        out = [
-            f
-            for f, how in self.field_map.items()
-            if f != "id" and how.startswith("not supported") and getattr(client, f) not in (None, "", ())
-        ]
+        out = super().unsupported_fields(client)
         if client.vat_number and client.tax_id:
             out.append("tax_id")  # one client_vat: the VAT number wins
         taken = {(u["email"] or "").casefold() for u in _users(client)}

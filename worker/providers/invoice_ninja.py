@@ -242,7 +242,7 @@ class InvoiceNinja(ProviderAdapter):
 
     def unsupported_fields(self, client: Client) -> list[str]:
         """The canonical fields set on `client` that Invoice Ninja cannot hold."""
-        out = [f for f, how in self.field_map.items() if how.startswith("not supported") and _is_set(client, f)]
+        out = super().unsupported_fields(client)
         if self.stamp_field == "id_number" and client.tax_id:
             out.append("tax_id")  # its field carries the stamp
         return out
@@ -442,11 +442,6 @@ class InvoiceNinja(ProviderAdapter):
             body = await self.request("POST", f"{_PATH}/bulk", json_body={"action": action, "ids": [data["id"]]})
             data = next((d for d in _records(body, self.name) if d.get("id") == data["id"]), data)
         return RemoteClient(id=str(data["id"]), data=data)
-
-
-def _is_set(client: Client, field: str) -> bool:
-    value = getattr(client, field)
-    return value != Client.model_fields[field].default and value not in (None, "", ())
 
 
 def _filter(field: str, value: str) -> dict[str, str]:

@@ -179,10 +179,6 @@ class LSPExpert(ProviderAdapter):
             }
         return message, fields
 
-    def unsupported_fields(self, client: Client) -> list[str]:
-        """The canonical fields set on `client` that LSP.expert cannot take (see `field_map`)."""
-        return _unsupported(self.field_map, client)
-
     # --- mapping -------------------------------------------------------------------------
     def validate(self, client: Client) -> None:
         if not client.display_name:
@@ -423,10 +419,3 @@ def _shape(body: Any) -> str:
         return f"an array of {len(body)}"
     return "nothing" if body is None else f"a {type(body).__name__}"
 
-
-def _unsupported(field_map: dict[str, str], client: Client) -> list[str]:
-    """Canonical fields set on `client` (not at their default) that `field_map` says are not supported."""
-    return [
-        name for name, how in field_map.items()
-        if how.startswith("not supported") and getattr(client, name) != Client.model_fields[name].default
-    ]  # fmt: skip

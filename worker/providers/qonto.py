@@ -356,12 +356,7 @@ class Qonto(ProviderAdapter):
 
     def unsupported_fields(self, client: Client) -> list[str]:
         """The canonical fields set on `client` that Qonto cannot take (recorded on the job)."""
-        out = []
-        for key, rule in self.field_map.items():
-            value = getattr(client, key)
-            default = Client.model_fields[key].default
-            if key != "id" and rule.startswith("not supported") and value not in (None, (), "", default):
-                out.append(key)
+        out = super().unsupported_fields(client)
         if client.phone and _phone(client.phone) is None:
             out.append("phone")
         if client.locale and client.locale[:2] not in LOCALES:

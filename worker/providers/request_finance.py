@@ -122,13 +122,6 @@ class RequestFinance(ProviderAdapter):
         assert self.config.api_key is not None, "adapter built without credentials"
         return {"Authorization": self.config.api_key.get_secret_value()}
 
-    def unsupported_fields(self, client: Client) -> list[str]:
-        """The canonical fields set on `client` that Request Finance cannot take (see `field_map`)."""
-        return [
-            name for name, how in self.field_map.items()
-            if how.startswith("not supported") and getattr(client, name) != Client.model_fields[name].default
-        ]  # fmt: skip
-
     # --- mapping -----------------------------------------------------------------------
     def validate(self, client: Client) -> None:
         if not _email_of(client):
