@@ -20,16 +20,13 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from worker import keys
-from worker.inflight import TRACK_LUA
-from worker.lua import NOW_LUA
 from worker.models import ClientChange
 
 SYNC_TASK = "clientsync.sync_client"
 
-_CLAIM_AND_PUSH = NOW_LUA + TRACK_LUA + """
+_CLAIM_AND_PUSH = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
   redis.call('LPUSH', KEYS[2], ARGV[3])
-  track(ARGV[3], now_ms(''))
   return 1
 end
 return 0

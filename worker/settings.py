@@ -35,10 +35,10 @@ class Settings(BaseSettings):
     unacked_restore_interval: int = Field(
         10, ge=1, description="How often (s) workers look for unacked messages past the visibility timeout."
     )
-    inflight_grace_seconds: float = Field(
-        30.0, gt=0, description="A pushed message not started after this long is checked for loss (worker.inflight)."
+    reaper_interval_seconds: float = Field(
+        1.0, gt=0, le=10,
+        description="How often each worker looks for a dead worker's messages and running jobs (worker.inflight).",
     )
-    inflight_sweep_seconds: float = Field(5.0, gt=0, description="How often each worker looks for lost messages.")
     task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
     worker_concurrency: int = Field(16, ge=1)
     worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")
