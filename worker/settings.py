@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,6 +36,13 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(3600, ge=1, description="Redis broker redelivery timeout (s).")
     unacked_restore_interval: int = Field(
         10, ge=1, description="How often (s) workers look for unacked messages past the visibility timeout."
+    )
+    durability: Literal["auto", "none", "aof"] = Field(
+        "auto", description="What a webhook 2xx promises: aof = fsynced to Redis's AOF (WAITAOF, Redis 7.2+); "
+        "none = in Redis's memory; auto = aof when Redis supports it.",
+    )
+    durability_timeout_seconds: float = Field(
+        2.0, gt=0, description="Longest wait for the AOF fsync before answering 503 (durability aof/auto).",
     )
     reaper_interval_seconds: float = Field(
         1.0, gt=0, le=10,
