@@ -49,7 +49,7 @@ async def test_aof_on_a_redis_without_waitaof_refuses_before_queueing(r: aioredi
     ok, _ = await aof_supported(r)
     assert not ok, "this test needs a Redis without WAITAOF (the embedded one)"
     producer = Producer(r, queue="celery", event_ttl=60, durability=DurableWrites("aof"))
-    with pytest.raises(NotDurable, match="CLIENTSYNC_DURABILITY=aof needs Redis 7.2"):
+    with pytest.raises(NotDurable, match=r"CLIENTSYNC_DURABILITY=aof needs Redis 7\.2"):
         await producer.enqueue(ClientChange.model_validate(change("e1", "c-1")), received_at=time.time())
     assert await r.llen("celery") == 0
     assert await r.exists("cs:evt:e1") == 0, "no claim may swallow the sender's retry"

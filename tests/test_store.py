@@ -43,8 +43,8 @@ async def test_a_live_claim_is_in_flight_and_an_expired_one_is_taken_over(store:
     taken = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=7000)
     assert taken.status == "go" and taken.state is not None and taken.state.takeover
     # The dead holder cannot finish over the new owner.
-    assert not await store.finish("k1", P, C, owner="w1", outcome={"result": "created"})
-    assert await store.finish("k1", P, C, owner="w2", outcome={"result": "updated"})
+    assert await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}) == "lost"
+    assert await store.finish("k1", P, C, owner="w2", outcome={"result": "updated"}) == "ok"
 
 
 async def test_another_event_for_a_locked_client_waits(store: SyncStore) -> None:
@@ -111,7 +111,7 @@ async def test_a_stale_change_leaves_the_intent_of_an_unfinished_create(store: S
     await store.abort("u2", P, C, owner="w1")
     # ...an older change skipped as stale in between...
     await store.begin("u0", P, C, fingerprint="fp0", owner="w2", now_ms=1001)
-    assert await store.finish("u0", P, C, owner="w2", outcome={"result": "skipped", "reason": "stale"})
+    assert await store.finish("u0", P, C, owner="w2", outcome={"result": "skipped", "reason": "stale"}) == "ok"
     # ...so the retry of u2 still looks the client up before creating.
     retry = await store.begin("u2", P, C, fingerprint="fp2", owner="w3", now_ms=1002)
     assert retry.state is not None and retry.state.intent == "u2"
@@ -121,7 +121,7 @@ async def test_finish_is_refused_once_the_client_lock_is_someone_elses(store: Sy
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
     # w1's lease ran out mid-call and another change took the client.
     await store.redis.set(keys.client_lock(P, C), "w2")
-    assert not await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}, link="X")
+    assert await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}, link="X") == "lost"
     assert await store.link(P, C) is None
     assert await store.redis.get(keys.client_lock(P, C)) == b"w2"
 
@@ -143,3 +143,82 @@ def test_an_upsert_that_ties_a_delete_is_stale_but_ties_between_upserts_apply() 
     live = ClientState(link="X", mark_version=5, mark_micros=1_000, deleted=False, intent=None)
     assert not live.supersedes((5, 1_000), upsert=True)
     assert live.supersedes((4, 9_000), upsert=True)
+
+
+# --- identity: the reverse link (a provider record belongs to at most one client) ----------
+async def test_the_reverse_link_is_written_and_removed_with_the_link(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    assert await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}, link="X") == "ok"
+    assert await store.owners(P, ["X", "Y"]) == {"X": C}
+    await store.begin("k2", P, C, fingerprint="fp2", owner="w1", now_ms=2000)
+    assert await store.finish("k2", P, C, owner="w1", outcome={"result": "deleted"}, unlink=True) == "ok"
+    assert await store.owners(P, ["X"]) == {}
+    assert await store.link(P, C) is None
+
+
+async def test_a_record_owned_by_another_client_is_never_linked_or_claimed(store: SyncStore) -> None:
+    await store.begin("k1", P, "other", fingerprint="fp", owner="w1", now_ms=1000)
+    assert await store.finish("k1", P, "other", owner="w1", outcome={"result": "created"}, link="X") == "ok"
+    await store.begin("k2", P, C, fingerprint="fp", owner="w2", now_ms=1000)
+    assert await store.claim_record(P, C, "X", owner="w2") == "other"
+    assert await store.finish("k2", P, C, owner="w2", outcome={"result": "adopted"}, link="X") == "owned:other"
+    assert await store.link(P, C) is None
+    assert await store.owners(P, ["X"]) == {"X": "other"}
+    # An unowned record is claimed once, for this client, and stays claimed for its retries.
+    assert await store.claim_record(P, C, "Y", owner="w2") == "ok"
+    assert await store.claim_record(P, C, "Y", owner="w2") == "ok"
+    assert await store.claim_record(P, "third", "Y", owner="w2") == "lost"  # w2 holds no lock on "third"
+
+
+async def test_moving_a_link_releases_the_old_record(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.finish("k1", P, C, owner="w1", outcome={"result": "created"}, link="X")
+    await store.begin("k2", P, C, fingerprint="fp2", owner="w1", now_ms=2000)
+    await store.finish("k2", P, C, owner="w1", outcome={"result": "created"}, link="Z")
+    assert await store.owners(P, ["X", "Z"]) == {"Z": C}
+
+
+# --- lifecycle: unsettled clients, marks kept apart, lease renewal ---------------------------
+async def test_an_unclear_write_keeps_every_writer_out_until_it_settles(store: SyncStore) -> None:
+    await store.begin("old", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.abort("old", P, C, owner="w1", unsettle_seconds=3, now_ms=1000)
+    newer = await store.begin("new", P, C, fingerprint="fp2", owner="w2", now_ms=2000)
+    assert newer.status == "unsettled" and newer.wait_seconds == pytest.approx(2.0)
+    again = await store.begin("old", P, C, fingerprint="fp", owner="w3", now_ms=3500)
+    assert again.status == "unsettled"
+    settled = await store.begin("new", P, C, fingerprint="fp2", owner="w2", now_ms=4001)
+    assert settled.status == "go" and settled.state is not None and settled.state.unsettled
+    # A clear write answers it; a skip would not.
+    assert await store.finish("new", P, C, owner="w2", outcome={"result": "updated"}, link="X",
+                              settled=True) == "ok"
+    assert await store.redis.hget(keys.client_state(P, C), "unsettled") is None
+
+
+async def test_a_clean_failure_leaves_the_client_settled(store: SyncStore) -> None:
+    await store.begin("old", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.abort("old", P, C, owner="w1", now_ms=1000)
+    assert (await store.begin("new", P, C, fingerprint="fp2", owner="w2", now_ms=1001)).status == "go"
+
+
+async def test_an_unversioned_change_never_erases_the_version_mark(store: SyncStore) -> None:
+    """A(v5) -> B(no version, later) -> C(v4, even later): C is stale."""
+    for key, mark in (("a", (5, 1_000)), ("b", (-1, 2_000))):
+        begin = await store.begin(key, P, C, fingerprint=key, owner="w", now_ms=1000)
+        assert begin.state is not None and not begin.state.supersedes(mark, upsert=True)
+        await store.finish(key, P, C, owner="w", outcome={"result": "updated"}, link="X", mark=mark)
+    begin = await store.begin("c", P, C, fingerprint="c", owner="w", now_ms=1000)
+    assert begin.state is not None
+    assert (begin.state.mark_version, begin.state.mark_micros) == (5, 2_000)
+    assert begin.state.supersedes((4, 3_000), upsert=True)
+    assert not begin.state.supersedes((6, 500), upsert=True)  # a newer version applies, whatever its time
+    assert begin.state.supersedes((-1, 1_500), upsert=True)  # no version: older than the time mark
+
+
+async def test_renewing_keeps_the_lease_and_fails_once_it_is_someone_elses(store: SyncStore) -> None:
+    await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
+    await store.redis.pexpire(keys.client_lock(P, C), 100)
+    assert await store.renew("k1", P, C, owner="w1", now_ms=3000)
+    assert await store.redis.pttl(keys.client_lock(P, C)) > 4000
+    assert int(await store.redis.hget(keys.idempotency("k1"), "lease")) == 8000
+    await store.redis.set(keys.client_lock(P, C), "w2")
+    assert not await store.renew("k1", P, C, owner="w1")

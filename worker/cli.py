@@ -105,6 +105,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     _require_redis(settings)
+    from worker.providers import enabled_configs
+    from worker.sync import lease_problems
+
+    problems = lease_problems(settings.lease_seconds, enabled_configs())
+    if problems:
+        raise CliError("invalid settings: " + "; ".join(problems))
     # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
             "--loglevel", settings.log_level, "--pool", args.pool or settings.worker_pool,
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules that add subcommand groups with a `register(subparsers)` function
-EXTENSIONS = ("worker.monitor_cli",)
+EXTENSIONS = ("worker.monitor_cli", "worker.link")
 
 
 def _extensions() -> list[Any]:

@@ -34,6 +34,9 @@ class ProviderError(ClientSyncError):
         self.provider = provider
         self.status = status
         self.field_errors: dict[str, list[str]] = dict(field_errors or {})
+        #: a write that may have been applied although we got no clear answer (5xx after
+        #: sending, dropped connection, timeout): the client is unsettled at this provider
+        self.unclear = False
 
     def __str__(self) -> str:
         head = f"{self.provider or 'provider'}"
@@ -133,3 +136,22 @@ class InternalError(TransientError):
     """An unexpected exception inside clientsync (a bug, or Redis trouble): retried, then dead."""
 
     kind = "internal"
+
+
+class LeaseLost(ClientSyncError):
+    """The job's lease on the client ran out (renewal refused): it stops before its next call.
+
+    Spends an attempt, so a job that keeps losing its lease ends dead instead of looping."""
+
+    retryable = True
+    kind = "lease_lost"
+
+
+class NeedsAttention(ClientSyncError):
+    """Several provider records could be this client: an operator must choose (adopt one, or create)."""
+
+    kind = "needs_attention"
+
+    def __init__(self, message: str, *, candidates: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.candidates = candidates

@@ -40,6 +40,7 @@ from worker.errors import (
     ClientSyncError,
     IdempotencyConflict,
     InternalError,
+    NeedsAttention,
     ProviderError,
     RateLimitedError,
     TransientError,
@@ -228,6 +229,14 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     except IdempotencyConflict:
         await _record(ctx, provider, token, "neutral")
         return await _conflict(job_id, change, attempt, ctx, bound)
+    except NeedsAttention as exc:
+        await _record(ctx, provider, token, "success" if calls[0] else "neutral")
+        await ctx.ledger.needs_attention(
+            job_id, Attempt(attempt, started, "needs_attention", exc.kind, None, mask_emails(str(exc))),
+            candidates=exc.candidates,
+        )
+        log.warning("needs attention %s", {**bound, "candidates": len(exc.candidates)})
+        return Decision(state="needs_attention")
     except Busy as exc:
         # Another run holds this job or this client: not a failure, so no attempt is spent
         # (a burst of changes to one client must not push the last of them to dead).

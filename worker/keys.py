@@ -27,8 +27,20 @@ def idempotency(key: str) -> str:
 
 
 def client_state(provider: str, client_id: str) -> str:
-    """Hash per (provider, client): link, mark_v, mark_t, deleted, intent. Kept without TTL."""
+    """Hash per (provider, client), kept without TTL: link (the provider's id), mark_v / mark_t
+    (newest applied version and time, kept apart), deleted (tombstone), intent (a create about
+    to be sent: "<event>@<unix s>"), del_intent (a delete about to be sent), unsettled ("<job
+    idempotency key>|<settle at, ms>": a write ended unclearly), resolution (an operator's
+    answer to a needs_attention job: JSON)."""
     return f"{PREFIX}client:{provider}:{client_id}"
+
+
+def record_owner(provider: str, provider_id: str) -> str:
+    """The reverse link: (provider, provider's record id) -> the source client id that owns it.
+
+    Written with the link (and when a record is claimed for adoption), removed with it: a
+    provider record belongs to at most one source client. Kept without TTL, like the link."""
+    return f"{PREFIX}owner:{provider}:{provider_id}"
 
 
 def client_lock(provider: str, client_id: str) -> str:

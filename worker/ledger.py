@@ -38,9 +38,12 @@ from worker.models import ClientChange
 
 log = logging.getLogger("clientsync.ledger")
 
-State = Literal["queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded"]
-STATES: tuple[State, ...] = ("queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded")
-FINAL: frozenset[str] = frozenset({"succeeded", "skipped", "dead", "discarded"})
+State = Literal["queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded", "needs_attention"]
+STATES: tuple[State, ...] = ("queued", "running", "retrying", "succeeded", "skipped", "dead", "discarded",
+                             "needs_attention")
+#: states a job stays in until an operator acts (needs_attention: several provider records could be
+#: the client; resolved by adopting one or creating a new one)
+FINAL: frozenset[str] = frozenset({"succeeded", "skipped", "dead", "discarded", "needs_attention"})
 MAX_ATTEMPTS_KEPT = 50
 
 #: upper bounds (seconds) of the receipt-to-applied latency histogram; +Inf is implied
@@ -49,11 +52,11 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 #: counter (in `keys.stats`) bumped when a job enters a state from another one
 STATE_COUNTERS: dict[str, str] = {
     "succeeded": "applied", "retrying": "retried", "dead": "dead", "skipped": "skipped",
-    "discarded": "discarded",
+    "discarded": "discarded", "needs_attention": "needs_attention",
 }
 #: every counter field the transition script writes
 COUNTERS: tuple[str, ...] = ("enqueued", "applied", "retried", "parked", "dead", "skipped", "replayed",
-                             "discarded", "requeued")
+                             "discarded", "needs_attention", "requeued")
 
 
 def bucket_label(bound: float) -> str:
@@ -72,7 +75,7 @@ local JOB, STATE, PS, CLIENT = {_lua_str(keys.job(""))}, {_lua_str(keys.jobs_in_
 local ALL, FINISHED = {_lua_str(keys.JOBS_BY_TIME)}, {_lua_str(keys.JOBS_FINISHED)}
 local STATS, LATENCY, PROVIDERS = {_lua_str(keys.stats(""))}, {_lua_str(keys.latency(""))},
   {_lua_str(keys.STATS_PROVIDERS)}
-local FINAL = {{succeeded=true, skipped=true, dead=true, discarded=true}}
+local FINAL = {{succeeded=true, skipped=true, dead=true, discarded=true, needs_attention=true}}
 local COUNTER = cjson.decode({_lua_str(json.dumps(STATE_COUNTERS))})
 local BUCKETS = cjson.decode({_lua_str(json.dumps([[b, bucket_label(b)] for b in LATENCY_BUCKETS]))})
 local KEEP_HISTORY = {MAX_ATTEMPTS_KEPT}
@@ -387,6 +390,13 @@ class Ledger:
         await self._move(job_id, "dead", mode="force", attempt=attempt, fields={
             "next_attempt_at": None, "last_error": attempt.message or "",
             "last_error_class": attempt.error_class or "", "finished_at": attempt.at,
+        })
+
+    async def needs_attention(self, job_id: str, attempt: Attempt, *, candidates: list[dict[str, Any]]) -> None:
+        """Several provider records could be this client: the job waits for an operator's choice."""
+        await self._move(job_id, "needs_attention", mode="force", attempt=attempt, fields={
+            "next_attempt_at": None, "last_error": attempt.message or "",
+            "last_error_class": attempt.error_class or "", "candidates": json.dumps(candidates),
         })
 
     async def dead_letter(self, job_id: str, *, raw: str, attempt: Attempt) -> None:

@@ -434,7 +434,48 @@ class Monitor:
         out["discarded_at"] = iso(job.fields.get("discarded_at"))
         out["replayable"] = job.state in REPLAYABLE and change is not None
         out["history"] = [_history_entry(a) for a in job.attempts]
+        candidates = job.fields.get("candidates")
+        out["candidates"] = redact(json.loads(candidates)) if candidates else None
+        out["resolution"] = json.loads(job.fields["resolution"]) if job.fields.get("resolution") else None
         return out
+
+    async def resolve(self, job_id: str, action: str, provider_id: str | None = None) -> dict[str, Any]:
+        """Answer a `needs_attention` job: adopt one of its candidates, or create a new record.
+
+        Idempotent: the same answer again reports what was done. The choice is stored where the
+        job's next run reads it (the client's state at that provider), recorded on the job and in
+        its history, and the job is queued again, atomically with the state change."""
+        if action not in ("adopt", "create"):
+            raise InvalidParam("action", "must be 'adopt' or 'create'")
+        if action == "adopt" and not provider_id:
+            raise InvalidParam("provider_id", "required to adopt a candidate")
+        rows = await self._rows([job_id], ("change", "candidates", "resolution"))
+        row = rows[0]
+        if row is None:
+            raise JobNotFound(job_id)
+        answer = {"action": action, "provider_id": provider_id if action == "adopt" else None}
+        if row.get("resolution"):
+            if json.loads(row["resolution"]) == {**answer, "event_id": row.get("event_id")}:
+                return {"id": job_id, "status": row.get("state"), "resolution": answer, "already": True}
+            raise NotAllowed(job_id, row.get("state", ""), "job was already resolved differently")
+        if row.get("state") != "needs_attention" or not row.get("change"):
+            raise NotAllowed(job_id, row.get("state", ""), "only a needs_attention job can be resolved")
+        ids = [str(c.get("provider_id")) for c in json.loads(row.get("candidates") or "[]")]
+        if action == "adopt" and provider_id not in ids:
+            raise InvalidParam("provider_id", f"must be one of the job's candidates: {', '.join(ids)}")
+        resolution = {**answer, "event_id": row["event_id"]}
+        text = json.dumps(resolution, sort_keys=True)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.client_state(row["provider"], row["client_id"]), "resolution", text)
+        pipe.hset(keys.job(job_id), "resolution", text)
+        await pipe.execute()
+        task_id, message = self._message(json.loads(row["change"]), row["provider"])
+        note = f"resolved by operator: adopt {provider_id}" if action == "adopt" else "resolved by operator: create new"
+        result = (await self.ledger.replay(self.queue, [(job_id, message)], allowed=("needs_attention",),
+                                           note=note))[0]
+        if result != "ok":
+            raise NotAllowed(job_id, result, f"job changed to {result} meanwhile; not resolved")
+        return {"id": job_id, "status": "queued", "task_id": task_id, "resolution": answer}
 
     # --- actions -----------------------------------------------------------------------------
     def _message(self, change: dict[str, Any], provider: str) -> tuple[str, str]:

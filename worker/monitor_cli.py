@@ -115,6 +115,11 @@ def cmd_job(args: argparse.Namespace) -> int:
     for key, value in fields:
         if value not in (None, ""):
             print(f"{key.ljust(width)}  {value}")
+    if job.get("candidates"):
+        print("\ncandidates (resolve with `clientsync resolve ID --adopt PROVIDER_ID` or `--create`):")
+        print(table(["provider id", "name", "email", "created"],
+                    [(c.get("provider_id"), c.get("name"), c.get("email"), c.get("created_at"))
+                     for c in job["candidates"]], max_width=80))
     print("\nhistory:")
     rows = [(a.get("number") or "", short_time(a.get("at")), a.get("outcome"), a.get("error_class"),
              a.get("status"), a.get("message") or a.get("note"), short_time(a.get("next_attempt_at")))
@@ -159,6 +164,21 @@ def cmd_discard(args: argparse.Namespace) -> int:
     except (JobNotFound, NotAllowed) as exc:
         raise CliError(str(exc)) from exc
     print(f"{args.id}: discarded")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    if bool(args.adopt) == bool(args.create):
+        raise CliError("give either --adopt PROVIDER_ID (one of the job's candidates) or --create")
+    action = "adopt" if args.adopt else "create"
+    try:
+        result = _run(lambda m: m.resolve(args.id, action, args.adopt))
+    except InvalidParam as exc:
+        raise CliError(f"--adopt: {exc.rule}" if exc.field == "provider_id" else str(exc)) from exc
+    except (JobNotFound, NotAllowed) as exc:
+        raise CliError(str(exc)) from exc
+    what = f"adopt {args.adopt}" if args.adopt else "create a new record"
+    print(f"{result['id']}: " + ("already resolved: " if result.get("already") else "resolved, queued: ") + what)
     return 0
 
 
@@ -221,6 +241,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser("discard", help="discard a dead job (kept with its history, out of the dead list)")
     p.add_argument("id")
     p.set_defaults(func=cmd_discard)
+
+    p = sub.add_parser("resolve", help="answer a needs_attention job: adopt one candidate, or create a new record")
+    p.add_argument("id", help="<provider>:<event_id>")
+    p.add_argument("--adopt", metavar="PROVIDER_ID", help="link the client to this candidate (see `clientsync job`)")
+    p.add_argument("--create", action="store_true", help="create a new record at the provider instead")
+    p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("summary", help="per-provider health: jobs by state, circuit, rate limit")
     p.add_argument("--json", action="store_true")

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 from worker import keys
 from worker.lua import NOW_LUA
 
+_OWNER = keys.record_owner("", "")[: -len(":")]  # "cs:owner:" (provider and id appended in Lua)
+
 _BEGIN = NOW_LUA + """
 local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
 local fp, owner, now, lease, ttl = ARGV[1], ARGV[2], now_ms(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -42,19 +44,28 @@ local holder = redis.call('GET', lock)
 if holder and holder ~= owner then
   return {'locked', tostring(redis.call('PTTL', lock))}
 end
+-- A write to this client ended unclearly (it may still land): nobody writes until it settles.
+local unsettled = redis.call('HGET', state, 'unsettled')
+if unsettled then
+  local at = tonumber(string.match(unsettled, '|(%d+)$') or '')
+  if at and at > now then return {'unsettled', tostring(at - now)} end
+end
 redis.call('SET', lock, owner, 'PX', lease)
 redis.call('HSET', idem, 'status', 'running', 'fp', fp, 'owner', owner, 'lease', now + lease)
 redis.call('HINCRBY', idem, 'attempts', 1)
 redis.call('EXPIRE', idem, ttl)
-local s = redis.call('HMGET', state, 'link', 'mark_v', 'mark_t', 'deleted', 'intent')
-return {'go', tostring(takeover), s[1] or '', s[2] or '', s[3] or '', s[4] or '', s[5] or ''}
+local s = redis.call('HMGET', state, 'link', 'mark_v', 'mark_t', 'deleted', 'intent', 'del_intent', 'resolution',
+                     'unsettled')
+return {'go', tostring(takeover), s[1] or '', s[2] or '', s[3] or '', s[4] or '', s[5] or '', s[6] or '',
+        s[7] or '', s[8] or ''}
 """
 
-# KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms ('' = Redis time)
-# Renews both leases: the create that follows gets a whole lease, however long `find` took.
+# KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms ('' = Redis time),
+# field ('intent' for a create, 'del_intent' for a delete)
+# Renews both leases: the write that follows gets a whole lease, however long the lookup took.
 _MARK_INTENT = NOW_LUA + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'intent', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[5], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 if redis.call('HGET', KEYS[3], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[3], 'lease', now_ms(ARGV[4]) + tonumber(ARGV[3]))
@@ -62,35 +73,92 @@ end
 return 1
 """
 
-# ARGV: owner, outcome, link_op ('keep'|'set'|'del'), link, mark_v, mark_t, deleted ('0'|'1'|''), ttl
-_FINISH = """
-local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
-local owner = ARGV[1]
--- Both the claim and the client lock must still be ours: after a lease ran out, another run
--- may be working on this client, and our link or mark must not land over its work.
-if redis.call('HGET', idem, 'owner') ~= owner or redis.call('GET', lock) ~= owner then return 0 end
-redis.call('HSET', idem, 'status', 'done', 'outcome', ARGV[2])
-redis.call('HDEL', idem, 'owner', 'lease')
-redis.call('EXPIRE', idem, tonumber(ARGV[8]))
-if ARGV[3] == 'set' then redis.call('HSET', state, 'link', ARGV[4])
-elseif ARGV[3] == 'del' then redis.call('HDEL', state, 'link') end
-if ARGV[5] ~= '' or ARGV[6] ~= '' then
-  redis.call('HSET', state, 'mark_v', ARGV[5], 'mark_t', ARGV[6])
+# KEYS: client lock, idempotency; ARGV: owner, lease_ms, now_ms ('' = Redis time)
+_RENEW = NOW_LUA + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+if redis.call('HGET', KEYS[2], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'lease', now_ms(ARGV[3]) + tonumber(ARGV[2]))
 end
-if ARGV[7] ~= '' then redis.call('HSET', state, 'deleted', ARGV[7]) end
--- The intent is answered only by a link set (created, adopted) or removed (deleted); a
--- skipped change (stale, unsupported) must leave it for the retry of the create it guards.
-if ARGV[3] ~= 'keep' then redis.call('HDEL', state, 'intent') end
-redis.call('DEL', lock)
 return 1
 """
 
-_ABORT = """
+# KEYS: client lock, the record's owner key; ARGV: owner token, client id
+# Claim a provider record for this client before adopting it: refused if another client owns it.
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lost' end
+local other = redis.call('GET', KEYS[2])
+if other and other ~= ARGV[2] then return other end
+redis.call('SET', KEYS[2], ARGV[2])
+return 'ok'
+"""
+
+# KEYS: idempotency, client state, client lock
+# ARGV: owner, outcome, link_op ('keep'|'set'|'del'), link, mark_v, mark_t, deleted ('0'|'1'|''), ttl,
+#       provider, client id, settled ('1': this run got a clear answer from a write)
+_FINISH = f"local OWNER = {json.dumps(_OWNER)}\n" + """
+local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
+local owner, op, link, provider, client = ARGV[1], ARGV[3], ARGV[4], ARGV[9], ARGV[10]
+-- Both the claim and the client lock must still be ours: after a lease ran out, another run
+-- may be working on this client, and our link or mark must not land over its work.
+if redis.call('HGET', idem, 'owner') ~= owner or redis.call('GET', lock) ~= owner then return 'lost' end
+local old = redis.call('HGET', state, 'link')
+if op == 'set' then
+  local holder = redis.call('GET', OWNER .. provider .. ':' .. link)
+  if holder and holder ~= client then return 'owned:' .. holder end
+end
+redis.call('HSET', idem, 'status', 'done', 'outcome', ARGV[2])
+redis.call('HDEL', idem, 'owner', 'lease')
+redis.call('EXPIRE', idem, tonumber(ARGV[8]))
+if (op == 'del' or (op == 'set' and old ~= link)) and old then
+  local key = OWNER .. provider .. ':' .. old
+  if redis.call('GET', key) == client then redis.call('DEL', key) end
+end
+if op == 'set' then
+  redis.call('HSET', state, 'link', link)
+  redis.call('SET', OWNER .. provider .. ':' .. link, client)
+elseif op == 'del' then
+  redis.call('HDEL', state, 'link')
+end
+-- Version and time marks are kept apart: an event without a version never lowers (or erases)
+-- the version mark, and the time mark only moves forward.
+local v, t = tonumber(ARGV[5] or ''), tonumber(ARGV[6] or '')
+if v and v >= 0 then
+  local cur = tonumber(redis.call('HGET', state, 'mark_v') or '')
+  if not cur or v > cur then redis.call('HSET', state, 'mark_v', v) end
+end
+if t then
+  local cur = tonumber(redis.call('HGET', state, 'mark_t') or '')
+  if not cur or t > cur then redis.call('HSET', state, 'mark_t', t) end
+end
+if ARGV[7] ~= '' then redis.call('HSET', state, 'deleted', ARGV[7]) end
+-- The intents are answered only by a link set (created, adopted) or removed (deleted); a
+-- skipped change (stale, unsupported) must leave them for the retry of the write they guard.
+if op ~= 'keep' then redis.call('HDEL', state, 'intent', 'del_intent', 'resolution') end
+if ARGV[11] == '1' then redis.call('HDEL', state, 'unsettled') end
+redis.call('DEL', lock)
+return 'ok'
+"""
+
+# KEYS: idempotency, client lock, client state; ARGV: owner, settle_ms ('' = the outcome was clear),
+# now_ms ('' = Redis time)
+_ABORT = NOW_LUA + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'status', 'failed')
   redis.call('HDEL', KEYS[1], 'owner', 'lease')
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  if ARGV[2] ~= '' then
+    redis.call('HSET', KEYS[3], 'unsettled', KEYS[1] .. '|' .. (now_ms(ARGV[3]) + tonumber(ARGV[2])))
+  end
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+
+# KEYS: client state; ARGV: resolution JSON
+_RESOLVE = """
+redis.call('HSET', KEYS[1], 'resolution', ARGV[1])
 return 1
 """
 
@@ -106,6 +174,22 @@ class ClientState:
     intent: str | None
     #: a previous holder's claim expired: it may have crashed mid-call
     takeover: bool = False
+    #: a delete was about to be sent ("<event>@<unix s>"), its outcome not yet recorded
+    del_intent: str | None = None
+    #: an operator's answer to a needs_attention job: {"event_id", "action", "provider_id"}
+    resolution: dict[str, Any] | None = None
+    #: a write ended unclearly before (now settled, or this run would not have started)
+    unsettled: bool = False
+
+    @property
+    def intent_time(self) -> float | None:
+        """Unix seconds the pending create was recorded at."""
+        if not self.intent or "@" not in self.intent:
+            return None
+        try:
+            return float(self.intent.rsplit("@", 1)[1])
+        except ValueError:
+            return None
 
     def supersedes(self, mark: tuple[int, int], *, upsert: bool) -> bool:
         """True if a change at `mark` must be skipped as stale: older, or an upsert that ties a delete."""
@@ -113,12 +197,16 @@ class ClientState:
         return order > 0 or (order == 0 and upsert and self.deleted)
 
     def _compare(self, mark: tuple[int, int]) -> int:
-        """1 if the applied mark is newer than `mark`, 0 on a tie, -1 if older (version wins when both have one)."""
+        """1 if the applied marks are newer than `mark`, 0 on a tie, -1 if older.
+
+        Versions decide when both the change and the applied mark have one; otherwise times do.
+        The two marks are kept apart, so an unversioned change in between never erases the
+        version mark (A v5, then B without a version, then C v4: C is stale)."""
         version, micros = mark
-        if self.mark_micros is None:
-            return -1
         if version >= 0 and self.mark_version is not None and self.mark_version >= 0:
             return (self.mark_version > version) - (self.mark_version < version)
+        if self.mark_micros is None:
+            return -1
         return (self.mark_micros > micros) - (self.mark_micros < micros)
 
 
@@ -126,7 +214,7 @@ class ClientState:
 class Begin:
     """The answer of `SyncStore.begin`."""
 
-    status: Literal["go", "done", "conflict", "inflight", "locked"]
+    status: Literal["go", "done", "conflict", "inflight", "locked", "unsettled"]
     state: ClientState | None = None
     outcome: dict[str, Any] | None = None
     wait_seconds: float = 0.0
@@ -136,17 +224,25 @@ def _int_or_none(value: str) -> int | None:
     return int(value) if value not in ("", None) else None
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
 class SyncStore:
     """The Redis state behind exactly-once effect; see the module docstring."""
 
     def __init__(self, redis: aioredis.Redis, *, idempotency_ttl: int, lease_seconds: float) -> None:
         self.redis = redis
         self.ttl = idempotency_ttl
+        self.lease_seconds = lease_seconds
         self.lease_ms = int(lease_seconds * 1000)
         self._begin = redis.register_script(_BEGIN)
         self._intent = redis.register_script(_MARK_INTENT)
+        self._renew = redis.register_script(_RENEW)
+        self._claim = redis.register_script(_CLAIM)
         self._finish = redis.register_script(_FINISH)
         self._abort = redis.register_script(_ABORT)
+        self._resolve = redis.register_script(_RESOLVE)
 
     @staticmethod
     def _keys(idem_key: str, provider: str, client_id: str) -> list[str]:
@@ -162,16 +258,16 @@ class SyncStore:
             keys=self._keys(idem_key, provider, client_id),
             args=[fingerprint, owner, "" if now_ms is None else now_ms, self.lease_ms, self.ttl],
         )
-        status = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
-        vals = [v.decode() if isinstance(v, bytes) else (v or "") for v in raw[1:]]
+        status = _text(raw[0])
+        vals = [_text(v) for v in raw[1:]]
         if status == "done":
             return Begin("done", outcome=json.loads(vals[0]) if vals and vals[0] else {})
         if status == "conflict":
             return Begin("conflict")
-        if status in ("inflight", "locked"):
+        if status in ("inflight", "locked", "unsettled"):
             ms = float(vals[0]) if vals and vals[0] else 0.0
             return Begin(status, wait_seconds=max(ms, 0.0) / 1000)  # type: ignore[arg-type]
-        takeover, link, mark_v, mark_t, deleted, intent = vals
+        takeover, link, mark_v, mark_t, deleted, intent, del_intent, resolution, unsettled = vals
         return Begin(
             "go",
             state=ClientState(
@@ -181,22 +277,51 @@ class SyncStore:
                 deleted=deleted == "1",
                 intent=intent or None,
                 takeover=takeover == "1",
+                del_intent=del_intent or None,
+                resolution=json.loads(resolution) if resolution else None,
+                unsettled=bool(unsettled),
             ),
         )
 
     async def mark_intent(
         self, idem_key: str, provider: str, client_id: str, *, owner: str, intent: str,
-        now_ms: int | None = None,
+        now_ms: int | None = None, delete: bool = False,
     ) -> bool:
-        """Record a create about to be sent and renew our leases; False if the lock is no longer ours."""
+        """Record a create (or delete) about to be sent and renew our leases; False if the lock is no longer ours."""
         ok = await self._intent(
             keys=[
                 keys.client_state(provider, client_id), keys.client_lock(provider, client_id),
                 keys.idempotency(idem_key),
             ],
-            args=[owner, intent, self.lease_ms, "" if now_ms is None else now_ms],
+            args=[owner, intent, self.lease_ms, "" if now_ms is None else now_ms,
+                  "del_intent" if delete else "intent"],
         )
         return bool(ok)
+
+    async def renew(self, idem_key: str, provider: str, client_id: str, *, owner: str,
+                    now_ms: int | None = None) -> bool:
+        """Extend the client lock and the claim by a whole lease; False if either is no longer ours."""
+        ok = await self._renew(
+            keys=[keys.client_lock(provider, client_id), keys.idempotency(idem_key)],
+            args=[owner, self.lease_ms, "" if now_ms is None else now_ms],
+        )
+        return bool(ok)
+
+    async def claim_record(self, provider: str, client_id: str, provider_id: str, *, owner: str) -> str:
+        """Make `provider_id` this client's before adopting it: 'ok', 'lost' (our lock is gone), or
+        the id of the client that already owns it."""
+        raw = await self._claim(
+            keys=[keys.client_lock(provider, client_id), keys.record_owner(provider, provider_id)],
+            args=[owner, client_id],
+        )
+        return _text(raw)
+
+    async def owners(self, provider: str, provider_ids: list[str]) -> dict[str, str]:
+        """The source client owning each of `provider_ids` (absent: owned by nobody). One round trip."""
+        if not provider_ids:
+            return {}
+        values = await self.redis.mget([keys.record_owner(provider, pid) for pid in provider_ids])
+        return {pid: _text(v) for pid, v in zip(provider_ids, values, strict=True) if v}
 
     async def finish(
         self,
@@ -210,10 +335,12 @@ class SyncStore:
         unlink: bool = False,
         mark: tuple[int, int] | None = None,
         deleted: bool | None = None,
-    ) -> bool:
-        """Record the outcome; False if our claim or the client lock was lost meanwhile."""
+        settled: bool = False,
+    ) -> str:
+        """Record the outcome: 'ok'; 'lost' if our claim or the client lock was lost meanwhile;
+        'owned:<client>' if the record to link belongs to another client (nothing is written)."""
         link_op = "del" if unlink else ("set" if link else "keep")
-        ok = await self._finish(
+        raw = await self._finish(
             keys=self._keys(idem_key, provider, client_id),
             args=[
                 owner,
@@ -224,15 +351,48 @@ class SyncStore:
                 "" if mark is None else str(mark[1]),
                 "" if deleted is None else ("1" if deleted else "0"),
                 self.ttl,
+                provider,
+                client_id,
+                "1" if settled else "0",
             ],
         )
-        return bool(ok)
+        return _text(raw)
 
-    async def abort(self, idem_key: str, provider: str, client_id: str, *, owner: str) -> None:
+    async def abort(self, idem_key: str, provider: str, client_id: str, *, owner: str,
+                    unsettle_seconds: float | None = None, now_ms: int | None = None) -> None:
+        """Release the claim and the lock; `unsettle_seconds` set: the write ended unclearly, and
+        no write to this client may start before that many seconds have passed."""
         await self._abort(
-            keys=[keys.idempotency(idem_key), keys.client_lock(provider, client_id)], args=[owner]
+            keys=[keys.idempotency(idem_key), keys.client_lock(provider, client_id),
+                  keys.client_state(provider, client_id)],
+            args=[owner, "" if unsettle_seconds is None else int(unsettle_seconds * 1000),
+                  "" if now_ms is None else now_ms],
         )
+
+    async def resolve(self, provider: str, client_id: str, resolution: dict[str, Any]) -> None:
+        """Store an operator's answer to a needs_attention job (read by the job's next run)."""
+        await self._resolve(keys=[keys.client_state(provider, client_id)],
+                            args=[json.dumps(resolution, sort_keys=True)])
 
     async def link(self, provider: str, client_id: str) -> str | None:
         value = await self.redis.hget(keys.client_state(provider, client_id), "link")
         return value.decode() if isinstance(value, bytes) else value
+
+    async def set_link(self, provider: str, client_id: str, provider_id: str) -> str:
+        """Link without a job (`clientsync link`): 'ok', or the client already owning the record,
+        or 'linked:<id>' when this client is already linked to another record."""
+        raw = await self.redis.eval(_SET_LINK, 2, keys.client_state(provider, client_id),
+                                    keys.record_owner(provider, provider_id), provider_id, client_id)
+        return _text(raw)
+
+
+# KEYS: client state, the record's owner key; ARGV: provider id, client id
+_SET_LINK = """
+local cur = redis.call('HGET', KEYS[1], 'link')
+if cur and cur ~= ARGV[1] then return 'linked:' .. cur end
+local other = redis.call('GET', KEYS[2])
+if other and other ~= ARGV[2] then return other end
+redis.call('HSET', KEYS[1], 'link', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 'ok'
+"""

@@ -2,23 +2,49 @@
 
 Plain async code, no Celery: the task layer calls `apply_change` and maps what it raises
 to a retry or a dead letter. The exactly-once rules (DESIGN.md) in the order they apply:
-idempotency claim + client lock (`SyncStore.begin`), ordering mark and tombstone,
-link → update, intent → lookup-before-create, then `finish` records it all at once.
+
+1. idempotency claim + client lock (`SyncStore.begin`); a client whose last write ended
+   unclearly is *unsettled* and nobody writes to it until the settle time has passed, so a
+   late-landing old write can never be the provider's final state;
+2. ordering marks and the tombstone (stale changes are skipped);
+3. identity: a linked client is updated; an unlinked one is looked up by its exact keys
+   (`worker.identity`) and an unowned match adopted (onboarding), else created after a
+   recorded intent; after an unclear create, lookalikes that carry the whole payload are
+   adopted; several candidates stop the job as `needs_attention` for an operator;
+4. deletes act only on the client's own link (or its own stamped record) after a recorded
+   intent; an upsert that finds its record gone after its own unclear delete recreates it;
+5. the lock is renewed while the job works (`worker.lease` stops the next call if lost);
+   `finish` records outcome, link + reverse link, marks and tombstone in one script.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from worker import keys
-from worker.errors import Busy, IdempotencyConflict, NotFound, PermanentError, Unsupported
-from worker.models import ClientChange
-from worker.providers.base import ProviderAdapter
+from worker import keys, lease
+from worker.errors import (
+    Busy,
+    IdempotencyConflict,
+    LeaseLost,
+    NeedsAttention,
+    NotFound,
+    PermanentError,
+    ProviderError,
+    Unsupported,
+)
+from worker.identity import exact_matches, lookalikes, namesakes
+from worker.lease import LeaseGuard
+from worker.models import ClientChange, mask_email
+from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
 from worker.store import Begin, ClientState, SyncStore
+
+log = logging.getLogger("clientsync.sync")
 
 Result = Literal["created", "updated", "adopted", "deleted", "skipped"]
 
@@ -61,19 +87,79 @@ async def apply_change(
     if begin.status == "done":
         return Outcome.from_json(begin.outcome or {"result": "skipped"}, replayed=True)
     assert begin.state is not None
+    guard = LeaseGuard(f"client {client_id} at {provider}")
+    renewer = asyncio.create_task(_keep_lease(store, idem, provider, client_id, owner, guard))
+    lease_token = lease.current.set(guard)
+    run = _Run(change, adapter, store, begin.state, owner, idem)
     try:
-        outcome, bookkeeping = await _apply(change, adapter, store, begin.state, owner, idem)
-    except BaseException:
-        # Release the claim and the lock now rather than waiting out the lease. Shielded
-        # so a cancelled task still releases.
-        await asyncio.shield(store.abort(idem, provider, client_id, owner=owner))
+        outcome, bookkeeping = await run.apply()
+    except BaseException as exc:
+        # Release the claim and the lock now rather than waiting out the lease; after an unclear
+        # write the client stays unsettled for the provider's settle time. Shielded so a
+        # cancelled task still releases.
+        unclear = isinstance(exc, ProviderError) and exc.unclear
+        await asyncio.shield(store.abort(idem, provider, client_id, owner=owner,
+                                         unsettle_seconds=settle_seconds(adapter) if unclear else None))
         raise
-    if not await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(), **bookkeeping):
+    finally:
+        renewer.cancel()
+        lease.current.reset(lease_token)
+    answer = await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(),
+                                settled=run.wrote, **bookkeeping)
+    if answer == "lost":
         # Our lease ran out during the call and another run may own the client now. The
         # effect may have happened; the retry reconciles it (a recorded intent makes it look
         # the client up instead of creating it again; an update or delete is safe to repeat).
-        raise Busy(f"lost the lease on client {client_id} at {provider} while applying {change.event_id}")
+        # It spends an attempt: a job that keeps losing its lease ends dead, never loops.
+        raise LeaseLost(f"lost the lease on client {client_id} at {provider} while applying {change.event_id}")
+    if answer.startswith("owned:"):
+        raise PermanentError(
+            f"record {outcome.provider_id} at {provider} belongs to another client; not linked",
+            provider=provider,
+        )
     return outcome
+
+
+def settle_seconds(adapter: ProviderAdapter) -> float:
+    """How long after an unclear write clientsync assumes it may still land at the provider."""
+    return config_settle(adapter.config)
+
+
+def config_settle(config: ProviderConfig) -> float:
+    return float(config.settle_seconds) if config.settle_seconds is not None else 2 * float(config.timeout)
+
+
+def lease_problems(lease_seconds: float, configs: Mapping[str, ProviderConfig]) -> list[str]:
+    """Start-up check: a crashed worker's client lock must outlive any write it left in flight.
+
+    Another worker takes a dead holder's client over when the lease runs out; by then the dead
+    holder's last call must have timed out and settled, or the takeover could race it."""
+    problems = []
+    for name, config in sorted(configs.items()):
+        need = config.timeout + config_settle(config)
+        if need >= lease_seconds:
+            prefix = f"CLIENTSYNC_{name.upper()}_"
+            problems.append(
+                f"CLIENTSYNC_LEASE_SECONDS={lease_seconds:g} must exceed {prefix}TIMEOUT ({config.timeout:g}) + "
+                f"{prefix}SETTLE_SECONDS ({config_settle(config):g}): a crashed worker's write could still land "
+                "after another worker took the client over"
+            )
+    return problems
+
+
+async def _keep_lease(store: SyncStore, idem: str, provider: str, client_id: str, owner: str,
+                      guard: LeaseGuard) -> None:
+    """Renew the client lock every third of the lease while the job works; trip the guard if refused."""
+    while True:
+        await asyncio.sleep(store.lease_seconds / 3)
+        try:
+            ok = await store.renew(idem, provider, client_id, owner=owner)
+        except Exception as exc:  # Redis trouble: try again at the next tick (the lease still has 2/3 left)
+            log.warning("could not renew the lease on client %s at %s: %r", client_id, provider, exc)
+            continue
+        if not ok:
+            guard.lost = True
+            return
 
 
 async def _claim(
@@ -103,7 +189,10 @@ async def _claim(
                 "a new change needs a new event_id"
             )
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or (begin.status == "unsettled" and begin.wait_seconds > remaining):
+            if begin.status == "unsettled":
+                raise Busy(f"client {change.client.id} at {provider} is unsettled after an unclear write; "
+                           f"waiting {begin.wait_seconds:.1f}s for it to land", retry_after=begin.wait_seconds)
             what = "this event" if begin.status == "inflight" else f"client {change.client.id}"
             raise Busy(f"another worker is applying {what} at {provider}", retry_after=begin.wait_seconds)
         # Full jitter keeps many waiters on one client from polling in lock step.
@@ -111,60 +200,148 @@ async def _claim(
         pause = min(pause * 2, 0.5)
 
 
-async def _apply(
-    change: ClientChange, adapter: ProviderAdapter, store: SyncStore, state: ClientState, owner: str, idem: str
-) -> tuple[Outcome, dict[str, Any]]:
-    mark = change.order_mark()
-    # A tie goes to the tombstone: an upsert at the same version/time as a delete stays deleted.
-    if state.supersedes(mark, upsert=change.action == "upsert"):
-        return Outcome("skipped", state.link, "stale"), {}
-    client = change.client
-    if change.action == "delete":
-        return await _delete(change, adapter, state, mark)
-
-    adapter.validate(client)
-    if state.link:
-        try:
-            remote = await adapter.update(state.link, client)
-        except NotFound as exc:
-            raise PermanentError(
-                f"the linked client {state.link} no longer exists at {adapter.name}; "
-                "it was deleted there, so clientsync will not recreate it silently",
-                provider=adapter.name, status=exc.status,
-            ) from exc
-        return Outcome("updated", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
-
-    if state.intent:
-        # A create was sent before and its result was never recorded (a crash between the
-        # provider's 2xx and our bookkeeping): look before creating a second client.
-        found = await adapter.find(client)
-        if found is not None:
-            remote = await adapter.update(found.id, client)
-            return Outcome("adopted", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
-    intent = f"{change.event_id}@{time.time():.3f}"
-    if not await store.mark_intent(idem, adapter.name, client.id, owner=owner, intent=intent):
-        # Our lease on the client ran out (a slow Redis or a long pause): another worker may
-        # hold it now. Creating without a recorded intent could create twice; try again later.
-        raise Busy(f"lost the lock on client {client.id} at {adapter.name} before creating it")
-    remote = await adapter.create(client)
-    return Outcome("created", remote.id), {"link": remote.id, "mark": mark, "deleted": False}
-
-
-async def _delete(
-    change: ClientChange, adapter: ProviderAdapter, state: ClientState, mark: tuple[int, int]
-) -> tuple[Outcome, dict[str, Any]]:
-    tombstone: dict[str, Any] = {"mark": mark, "deleted": True}
-    target = state.link
-    if target is None and state.intent:
-        found = await adapter.find(change.client)
-        target = found.id if found else None
-    if target is None:
-        return Outcome("skipped", None, "not_linked"), tombstone
+def _candidate(adapter: ProviderAdapter, remote: RemoteClient) -> dict[str, Any]:
+    """What an operator sees of one candidate record."""
     try:
-        await adapter.delete(target)
-    except Unsupported:
-        # Keep the link: the client still exists there, and a newer upsert should update it.
-        return Outcome("skipped", target, "unsupported"), tombstone
-    except NotFound:
-        pass  # already gone at the provider: the effect we wanted
-    return Outcome("deleted", target), {**tombstone, "unlink": True}
+        view = adapter.from_wire(remote.data)
+        name, email = view.display_name, view.email
+    except Exception:  # a record our model cannot read is still a candidate
+        name, email = None, None
+    created = adapter.created_at(remote)
+    return {"provider_id": remote.id, "name": name, "email": mask_email(email), "created_at": created}
+
+
+class _Run:
+    """One run of one job once the claim and lock are held."""
+
+    def __init__(self, change: ClientChange, adapter: ProviderAdapter, store: SyncStore, state: ClientState,
+                 owner: str, idem: str) -> None:
+        self.change, self.adapter, self.store, self.state = change, adapter, store, state
+        self.owner, self.idem = owner, idem
+        self.client = change.client
+        self.mark = change.order_mark()
+        #: a write got a clear answer: the client is settled
+        self.wrote = False
+
+    async def apply(self) -> tuple[Outcome, dict[str, Any]]:
+        state = self.state
+        # A tie goes to the tombstone: an upsert at the same version/time as a delete stays deleted.
+        if state.supersedes(self.mark, upsert=self.change.action == "upsert"):
+            return Outcome("skipped", state.link, "stale"), {}
+        if self.change.action == "delete":
+            return await self._delete()
+        self.adapter.validate(self.client)
+        if state.link:
+            return await self._update_link(state.link)
+        resolution = state.resolution if (state.resolution or {}).get("event_id") == self.change.event_id else None
+        if resolution is not None:
+            if resolution.get("action") == "adopt" and resolution.get("provider_id"):
+                return await self._adopt(str(resolution["provider_id"]), update=True)
+            return await self._create()  # the operator chose "create new"
+        # Identity: the client's exact keys first (its stamp, keys the provider keeps unique).
+        # This onboards an account that already holds the client, and settles an unclear create
+        # wherever a stamp exists.
+        exact = await self._unowned(await exact_matches(self.adapter, self.client))
+        if len(exact) == 1:
+            return await self._adopt(exact[0].id, update=True)
+        if len(exact) > 1:
+            raise self._ambiguous(exact, "match its exact keys")
+        if state.intent:
+            # A create was sent before and its answer never recorded: a record carrying the
+            # whole payload, created since the intent and owned by nobody, is that create.
+            similar = await self._unowned(
+                await lookalikes(self.adapter, self.client, since=state.intent_time))
+            if len(similar) == 1:
+                return await self._adopt(similar[0].id, update=False)
+            if len(similar) > 1:
+                raise self._ambiguous(similar, "carry the payload of its unanswered create")
+        else:
+            # Onboarding: records that share a non-unique key (an email, a name) and that no
+            # stamp claims may be this client, made before clientsync ran. Never adopted on a
+            # guess, never duplicated on a guess: an operator decides.
+            others = await self._unowned(await namesakes(self.adapter, self.client))
+            if others:
+                raise self._ambiguous(others, "share its non-unique keys and may already be it")
+        return await self._create()
+
+    async def _unowned(self, found: list[RemoteClient]) -> list[RemoteClient]:
+        owners = await self.store.owners(self.adapter.name, [r.id for r in found])
+        return [r for r in found if owners.get(r.id) in (None, self.client.id)]
+
+    def _ambiguous(self, found: list[RemoteClient], why: str) -> NeedsAttention:
+        return NeedsAttention(
+            f"{len(found)} records at {self.adapter.name} {why} for client {self.client.id}; "
+            "an operator must adopt one or create a new one",
+            candidates=[_candidate(self.adapter, r) for r in found],
+        )
+
+    def _done(self, result: Result, remote_id: str) -> tuple[Outcome, dict[str, Any]]:
+        self.wrote = True
+        return Outcome(result, remote_id), {"link": remote_id, "mark": self.mark, "deleted": False}
+
+    async def _update_link(self, link: str) -> tuple[Outcome, dict[str, Any]]:
+        try:
+            remote = await self.adapter.update(link, self.client)
+        except NotFound as exc:
+            if not self.state.del_intent:
+                raise PermanentError(
+                    f"the linked client {link} no longer exists at {self.adapter.name}; "
+                    "it was deleted there, so clientsync will not recreate it silently",
+                    provider=self.adapter.name, status=exc.status,
+                ) from exc
+            # Our own delete was sent and its answer lost, and it did land: this newer upsert
+            # brings the client back (restored where the provider can, else created again).
+            restore = getattr(self.adapter, "restore", None)
+            if restore is not None:
+                await restore(link)
+                remote = await self.adapter.update(link, self.client)
+                return self._done("updated", remote.id)
+            return await self._create()
+        return self._done("updated", remote.id)
+
+    async def _adopt(self, remote_id: str, *, update: bool) -> tuple[Outcome, dict[str, Any]]:
+        claimed = await self.store.claim_record(self.adapter.name, self.client.id, remote_id, owner=self.owner)
+        if claimed == "lost":
+            raise LeaseLost(f"lost the lock on client {self.client.id} at {self.adapter.name} before adopting")
+        if claimed != "ok":
+            raise Busy(f"record {remote_id} at {self.adapter.name} was just claimed by another client; "
+                       "looking again")
+        if update:
+            remote = await self.adapter.update(remote_id, self.client)
+            return self._done("adopted", remote.id)
+        return self._done("adopted", remote_id)
+
+    async def _create(self) -> tuple[Outcome, dict[str, Any]]:
+        intent = f"{self.change.event_id}@{time.time():.3f}"
+        if not await self.store.mark_intent(self.idem, self.adapter.name, self.client.id, owner=self.owner,
+                                            intent=intent):
+            # Our lease on the client ran out (a slow Redis or a long pause): another worker may
+            # hold it now. Creating without a recorded intent could create twice; try again later.
+            raise LeaseLost(f"lost the lock on client {self.client.id} at {self.adapter.name} before creating it")
+        remote = await self.adapter.create(self.client)
+        return self._done("created", remote.id)
+
+    async def _delete(self) -> tuple[Outcome, dict[str, Any]]:
+        tombstone: dict[str, Any] = {"mark": self.mark, "deleted": True}
+        target = self.state.link
+        if target is None and self.state.intent and self.adapter.stamp_field:
+            # A create whose answer was lost: only a record stamped with this client's own id is
+            # ours to delete. A record found by an email or a name may be someone else's.
+            stamped = await self._unowned(
+                [r for r in await self.adapter.search("stamp", self.client.id)
+                 if self.adapter.stamped(r) == self.client.id])
+            target = stamped[0].id if len(stamped) == 1 else None
+        if target is None:
+            return Outcome("skipped", None, "not_linked"), tombstone
+        if not await self.store.mark_intent(self.idem, self.adapter.name, self.client.id, owner=self.owner,
+                                            intent=f"{self.change.event_id}@{time.time():.3f}", delete=True):
+            raise LeaseLost(f"lost the lock on client {self.client.id} at {self.adapter.name} before deleting it")
+        try:
+            await self.adapter.delete(target)
+        except Unsupported:
+            # Keep the link: the client still exists there, and a newer upsert should update it.
+            return Outcome("skipped", target, "unsupported"), tombstone
+        except NotFound:
+            pass  # already gone at the provider (perhaps our own unclear delete): the effect we wanted
+        self.wrote = True
+        return Outcome("deleted", target), {**tombstone, "unlink": True}

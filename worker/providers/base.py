@@ -29,6 +29,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
+from worker.lease import check_lease
 from worker.models import Client
 
 
@@ -42,6 +43,17 @@ class ProviderConfig(BaseSettings):
     rate_limit: int | None = Field(None, ge=1, description="Calls per rate_period, all workers together.")
     rate_period: float = Field(1.0, gt=0)
     max_attempts: int | None = Field(None, ge=1, description="Overrides CLIENTSYNC_MAX_ATTEMPTS.")
+    settle_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="After a write ends unclearly (timeout, 5xx, dropped connection) it may still land for "
+        "this long; no write to that client starts before. Unset = twice the timeout.",
+    )
+    id_field: str | None = Field(
+        None,
+        description="Provider field stamped with the source client id (unset = the adapter's default; "
+        "'none' = no stamp). Whatever the field held is overwritten on every write.",
+    )
     retry_base: float | None = Field(None, gt=0)
     retry_cap: float | None = Field(None, gt=0)
 
@@ -52,6 +64,30 @@ class ProviderConfig(BaseSettings):
     def missing(self) -> str:
         """Which env vars to set, for the start-up message of a disabled provider."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a provider record is recognised as one source client's (DESIGN.md, rule 3).
+
+    Data, not code: `worker.identity` is the one mechanism that uses it. In order of trust:
+
+    - `stamp`: a provider field clientsync writes the source client id into on every create
+      and update, and can search exactly (None when the API has no such field). A record
+      stamped with another id is never this client's.
+    - `unique`: canonical `Client` fields the provider itself keeps unique per account
+      (e.g. a login email): a match on them is exact.
+    - `similar`: canonical fields the provider can be searched by that are NOT unique (an email
+      at most providers, a name). Used only to settle a create whose answer was lost: a
+      candidate must then carry the whole payload that was sent, be created at or after the
+      recorded intent and be linked to nobody.
+    - `notes`: the evidence (doc pages, sections), rendered into the README's identity table.
+    """
+
+    stamp: str | None = None
+    unique: tuple[str, ...] = ()
+    similar: tuple[str, ...] = ()
+    notes: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +166,8 @@ class ProviderAdapter(ABC):
     default_url: ClassVar[str]
     #: a 409 from this provider means "busy, try again" rather than a business rule
     busy_on_409: ClassVar[bool] = False
+    #: how a record is recognised as one source client's (see `Identity`)
+    identity: ClassVar[Identity] = Identity()
 
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.config = config
@@ -173,6 +211,7 @@ class ProviderAdapter(ABC):
     ) -> Any:
         """One HTTP call; returns the decoded JSON (or None for an empty body) or raises."""
         url = f"{self.base_url}{path}"
+        check_lease()  # a job that lost its lease on the client makes no further call
         if self.before_call is not None:
             await self.before_call(self.name)
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
@@ -184,11 +223,14 @@ class ProviderAdapter(ABC):
                 status = resp.status
                 resp_headers = resp.headers
         except TimeoutError as exc:
-            raise ProviderUnavailable(
-                f"timed out after {self.config.timeout:g}s", provider=self.name
-            ) from exc
+            timed_out = ProviderUnavailable(f"timed out after {self.config.timeout:g}s", provider=self.name)
+            timed_out.unclear = method != "GET"  # the provider may still apply it
+            raise timed_out from exc
         except aiohttp.ClientError as exc:
-            raise ProviderUnavailable(f"connection failed: {exc}", provider=self.name) from exc
+            failed = ProviderUnavailable(f"connection failed: {exc}", provider=self.name)
+            # Refused before anything was sent is clear; a connection lost after sending is not.
+            failed.unclear = method != "GET" and not isinstance(exc, aiohttp.ClientConnectorError)
+            raise failed from exc
         body: Any = None
         if raw:
             try:
@@ -198,10 +240,11 @@ class ProviderAdapter(ABC):
         if 200 <= status < 300:
             return body
         message, field_errors = self.parse_error(status, body)
-        error = classify(
+        error = self.refine_error(classify(
             status, resp_headers, message, field_errors, provider=self.name, busy_on_409=self.busy_on_409
-        )
-        raise self.refine_error(error, body)
+        ), body)
+        error.unclear = method != "GET" and (status >= 500 or status == 408)
+        raise error
 
     # --- the Clients API ---------------------------------------------------------------
     def validate(self, client: Client) -> None:  # noqa: B027 - optional hook: most providers check little
@@ -229,9 +272,38 @@ class ProviderAdapter(ABC):
     async def get(self, remote_id: str) -> RemoteClient:
         """Fetch one client; raise `NotFound` if the provider does not know it."""
 
-    @abstractmethod
-    async def find(self, client: Client) -> RemoteClient | None:
-        """Look the client up by the provider's unique fields (email, VAT, ...) before a create."""
+    # --- identity (data for `worker.identity`; see `Identity`) ---------------------------
+    @property
+    def stamp_field(self) -> str | None:
+        """The field stamped with the source client id: the declared one unless the user chose
+        another (`CLIENTSYNC_<PROVIDER>_ID_FIELD`) or turned stamping off (`none`)."""
+        chosen = getattr(self.config, "id_field", None)
+        if chosen is None:
+            return self.identity.stamp
+        return None if chosen.lower() == "none" else chosen
+
+    async def search(self, key: str, value: str) -> list[RemoteClient]:
+        """Every live record whose `key` equals `value` exactly (the adapter re-checks locally
+        whatever the API's filter does). `key` is "stamp" or a canonical field named in
+        `identity.unique` / `identity.similar`. An answer of an unknown shape raises
+        `PermanentError`, never an empty list."""
+        raise NotImplementedError(f"{self.name} declares no searchable identity keys")
+
+    def stamped(self, remote: RemoteClient) -> str | None:
+        """The source client id stamped in a record (None: not stamped, or no stamp field)."""
+        field_name = self.stamp_field
+        if field_name is None:
+            return None
+        return wire_text(remote.data.get(field_name))
+
+    def created_at(self, remote: RemoteClient) -> float | None:
+        """When the provider created the record (unix seconds), if it says."""
+        return None
+
+    def same_payload(self, remote: RemoteClient, client: Client) -> bool:
+        """True when `remote` holds everything a create of `client` sends (the test a candidate
+        found by non-unique fields must pass before it is adopted after an unclear create)."""
+        return self.to_wire(self.from_wire(remote.data).model_copy(update={"id": client.id})) == self.to_wire(client)
 
     @abstractmethod
     def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:

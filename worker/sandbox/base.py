@@ -40,7 +40,16 @@ class Faults:
     retry_after: float | None = 1.0  # Retry-After on 429s (None = no header)
     hang_next: int = 0  # the next N calls hang for `hang_seconds` (client sees a timeout)
     hang_seconds: float = 30.0
+    # --- the three unclear endings of a write (any non-GET call, filtered by `write_match`) ---
     fail_after_commit_next: int = 0  # the next N writes are applied, then answered 503
+    drop_after_commit_next: int = 0  # the next N writes are applied, then the connection is dropped
+    #: the next N writes hang `hang_seconds` (past the client's timeout: it gives up) and are applied then
+    apply_late_next: int = 0
+    #: fraction of writes that end in one of the three endings above (random, seeded; chaos runs)
+    unclear_rate: float = 0.0
+    #: only writes whose "METHOD /path" contains this text get the write faults ("" = every write;
+    #: e.g. "DELETE", "POST /v2/clients", "PUT ")
+    write_match: str = ""
     seed: int = 0
 
 
@@ -115,7 +124,11 @@ class SandboxProvider(ABC):
     async def _faults_and_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if "/_sandbox/" in request.path:
             return await handler(request)
-        response = await self._apply(request, handler)
+        try:
+            response = await self._apply(request, handler)
+        except ConnectionResetError:
+            self.calls.append(Call(request.method, request.path_qs, 0))  # 0: no answer was sent
+            raise
         self.calls.append(Call(request.method, request.path_qs, response.status))
         return response
 
@@ -135,16 +148,49 @@ class SandboxProvider(ABC):
             return self.server_error(f.error_status)
         if not self.is_authorised(request):
             return self.unauthorised()
+        ending = self._unclear_ending(request)
+        if ending == "late":
+            # The caller times out and gives up; the provider still finishes the write later.
+            # The body is read first (cached on the request), as a server would have it already.
+            await request.read()
+            await asyncio.sleep(f.hang_seconds)
+            # Shielded: the write lands even though nobody waits for the answer any more.
+            return await asyncio.shield(self._handle(request, handler))
+        response = await self._handle(request, handler)
+        if ending == "5xx" and response.status < 300:
+            # The write happened but the caller never learns it: a 5xx after applying.
+            return self.server_error(503)
+        if ending == "drop" and response.status < 300:
+            # The write happened, then the connection dropped before the answer.
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("sandbox fault: connection dropped after the write")
+        return response
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            response = await handler(request)
+            return await handler(request)
         except web.HTTPException as exc:
             # Unknown routes and methods: answer JSON like an API would.
             return web.json_response({"message": exc.reason}, status=exc.status)
-        if f.fail_after_commit_next > 0 and request.method != "GET" and response.status < 300:
-            # The write happened but the caller never learns it: the crash-between case.
+
+    def _unclear_ending(self, request: web.Request) -> str | None:
+        """Which unclear ending (if any) this write gets: consumes one fault counter."""
+        f = self.faults
+        if request.method == "GET" or (f.write_match and f.write_match not in f"{request.method} {request.path}"):
+            return None
+        if f.fail_after_commit_next > 0:
             f.fail_after_commit_next -= 1
-            return self.server_error(503)
-        return response
+            return "5xx"
+        if f.drop_after_commit_next > 0:
+            f.drop_after_commit_next -= 1
+            return "drop"
+        if f.apply_late_next > 0:
+            f.apply_late_next -= 1
+            return "late"
+        if f.unclear_rate and self._random.random() < f.unclear_rate:
+            return self._random.choice(("5xx", "drop", "late"))
+        return None
 
     async def _control_clients(self, request: web.Request) -> web.Response:
         return web.json_response({"clients": list(self.clients.values())})

@@ -212,6 +212,30 @@ async def discard_job(request: web.Request) -> web.Response:
     return await _job_action(request, "discard", status=200)
 
 
+@protected
+async def resolve_job(request: web.Request) -> web.Response:
+    """`POST /monitor/jobs/{id}/resolve` `{"action": "adopt", "provider_id": "..."}` or `{"action": "create"}`:
+    answer a needs_attention job (idempotent); 202, the job is queued again."""
+    job_id = request.match_info["id"]
+    try:
+        body = await _json_body(request, required=True)
+        _check_known(body, {"action", "provider_id"}, "field")
+        action, provider_id = body.get("action"), body.get("provider_id")
+        if not isinstance(action, str):
+            raise InvalidParam("action", "must be 'adopt' or 'create'")
+        if provider_id is not None and not isinstance(provider_id, str):
+            raise InvalidParam("provider_id", "must be a string")
+        result = await _monitor(request).resolve(job_id, action, provider_id)
+    except InvalidParam as exc:
+        return _bad(exc)
+    except JobNotFound as exc:
+        return json_error(404, str(exc), id=job_id)
+    except NotAllowed as exc:
+        return json_error(409, str(exc), id=job_id, state=exc.state)
+    log.info("operator resolved job %s: %s", job_id, result.get("resolution"))
+    return _ok(result, status=200 if result.get("already") else 202)
+
+
 async def _job_action(request: web.Request, action: str, *, status: int) -> web.Response:
     job_id = request.match_info["id"]
     monitor = _monitor(request)
@@ -293,4 +317,5 @@ def setup(app: web.Application) -> None:
     r.add_post("/monitor/replay", replay_bulk)
     r.add_post("/monitor/jobs/{id:.+}/replay", replay_job)
     r.add_post("/monitor/jobs/{id:.+}/discard", discard_job)
+    r.add_post("/monitor/jobs/{id:.+}/resolve", resolve_job)
     r.add_get("/monitor/jobs/{id:.+}", get_job)

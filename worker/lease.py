@@ -1,0 +1,29 @@
+"""The running job's lease on its client, as seen by the adapters' HTTP layer.
+
+`worker.sync` renews the client lock while a job works; if a renewal is refused (another
+run took the client over), the guard trips and the adapter's next call raises `LeaseLost`
+instead of being sent. Adapters only call `check_lease()`; they never import the store.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+from worker.errors import LeaseLost
+
+
+class LeaseGuard:
+    """Set by the renewer when the lease is gone; read before every provider call."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.lost = False
+
+
+current: ContextVar[LeaseGuard | None] = ContextVar("clientsync_lease", default=None)
+
+
+def check_lease() -> None:
+    guard = current.get()
+    if guard is not None and guard.lost:
+        raise LeaseLost(f"lost the lease on {guard.what}; stopping before the next provider call")
