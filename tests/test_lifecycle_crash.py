@@ -67,8 +67,10 @@ async def wait_state(r: aioredis.Redis, job_id: str, state: str, timeout: float 
 async def test_a_job_whose_worker_was_killed_mid_call_comes_back_and_ends_once(
         redis_server_url: str, how: str) -> None:
     with running_stack(redis_server_url, providers=[PROVIDER], workers=1, concurrency=4,
-                       # Short claim leases so the second run can settle the first's unclear call.
-                       CLIENTSYNC_LEASE_SECONDS="3", CLIENTSYNC_RETRY_BASE_SECONDS="0.2",
+                       # Short leases (over the call timeout + settle time) so the second run can
+                       # settle the first's unclear call soon.
+                       CLIENTSYNC_LEASE_SECONDS="8", CLIENTSYNC_QONTO_TIMEOUT="5", CLIENTSYNC_QONTO_SETTLE_SECONDS="1",
+                       CLIENTSYNC_RETRY_BASE_SECONDS="0.2",
                        CLIENTSYNC_RETRY_CAP_SECONDS="1") as stack:
         base = f"http://127.0.0.1:{stack.sandbox_port}/{PROVIDER}"
         r = aioredis.from_url(stack.redis_url)
