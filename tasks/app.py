@@ -12,6 +12,13 @@ from worker.settings import Settings
 def make_celery(settings: Settings, broker_url: str) -> Celery:
     app = Celery("clientsync", broker=broker_url, include=["tasks.sync", "tasks.signals"])
     app.conf.update(
+        # kombu's Redis transport, with every delivery owned from the moment it leaves the queue
+        # (BLMOVE into the process's inbox, then its unacked record and holder in one script), so
+        # a worker killed anywhere loses nothing and its messages are back in seconds
+        # (worker.inflight); and with the intake gate (tasks.intake) in front of Celery's parsing:
+        # no entry on the queue, however malformed, kills a worker; it becomes a dead letter.
+        # The URL stays redis://.
+        broker_transport="tasks.transport:Transport",
         # JSON only: a pickle from a foreign producer would be code execution.
         task_serializer="json",
         accept_content=["json"],
@@ -27,13 +34,10 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         # strands few, and long jobs do not starve other workers.
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
-        # kombu's Redis transport with the intake gate in front (tasks.intake): no entry on the
-        # queue, however malformed, reaches Celery's parsing or kills a worker; it becomes a
-        # dead letter in the ledger instead.
-        broker_transport="tasks.intake:Transport",
         broker_transport_options={
             intake.OPTION: {"redis_url": broker_url, "max_jobs": settings.ledger_max_jobs},
-            # Unacked messages come back after this long. Retries never wait as unacked ETA
+            # Unacked messages come back after this long even if no reaper did it first (a dead
+            # worker's come back within seconds: worker.inflight). Retries never wait as unacked ETA
             # messages (they would be redelivered early and run twice): they are parked in
             # Redis (worker.parking) and pushed back onto the queue when due.
             "visibility_timeout": settings.visibility_timeout,

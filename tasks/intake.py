@@ -8,14 +8,14 @@ kombu recorded the message as unacked, so every restarted worker pops it again a
 Celery's own handlers for the cases it does catch (`on_unknown_task`, `on_invalid_task`,
 `on_decode_error`) log the whole body, emails included, and keep no record.
 
-So the worker's broker transport is kombu's Redis transport with one change (`Channel`): the
-entry popped from the list goes through `Gate.admit` first. An entry that fails any rule of
-`check` is never handed to kombu or Celery: it is already off the list (BRPOP popped it), it
+So the worker's broker transport (`tasks.transport.Channel`) sends every entry it takes off the
+list through `Gate.admit` first. An entry that fails any rule of `check` is never handed to
+kombu or Celery: it is already off the list (and out of the process's inbox), it
 becomes a dead letter in the ledger (provider `intake`, the reason and the stage, the raw entry
 truncated to `RAW_KEPT` characters with emails masked), counted by reason in
 `keys.DEAD_LETTERS` (`clientsync_dead_letters_total` at /metrics), and logged in one masked line.
 What passes is exactly what Celery's protocol v2 needs, so Celery's parsing cannot fail on it;
-should it fail anyway, `Channel._deliver_guarded` acks the message and dead-letters it
+should it fail anyway, `tasks.transport.Channel._deliver_guarded` acks the message and dead-letters it
 (stage `celery`) instead of letting the exception kill the consumer.
 
 Internal tasks: a `clientsync.apply_change` must carry a valid authenticity mark
@@ -39,9 +39,6 @@ from typing import Any
 
 import redis
 from celery.app.task import Context
-from kombu.transport import redis as kombu_redis
-from kombu.transport.virtual import Empty
-from kombu.utils.encoding import bytes_to_str
 
 from worker import keys, safejson
 from worker.ledger import DEAD_LETTER_LUA, Attempt, dead_letter_fields, now_ms
@@ -333,9 +330,6 @@ class Gate:
                 self._dead_letter(keys=[keys.DEAD_LETTERS], args=[job_id, now_ms(), json.dumps(fields),
                                                                   attempt.to_json(), self.max_jobs, reason],
                                   client=pipe)
-                if task_id:  # a message clientsync pushed is tracked until it starts: it ended here
-                    pipe.zrem(keys.INFLIGHT, task_id)
-                    pipe.hdel(keys.INFLIGHT_MESSAGES, task_id)
                 pipe.execute()
         except redis.RedisError as exc:
             # The entry is already off the list; without Redis the log line is all that is left.
@@ -355,81 +349,3 @@ def _task_id(entry: bytes) -> str | None:
     except (ValueError, RecursionError):
         return None
     return value[:255] if isinstance(value, str) else None
-
-
-# --- kombu's Redis transport with the gate in front -------------------------------------------------
-# kombu's stubs cover little of the Redis channel's internals used below: typed as Any.
-_RedisChannel: Any = kombu_redis.Channel
-_RedisTransport: Any = kombu_redis.Transport
-
-
-class Channel(_RedisChannel):  # type: ignore[misc]
-    """kombu's Redis channel whose every popped entry goes through `Gate.admit` first."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        options = self.connection.client.transport_options.get(OPTION) or {}
-        self.gate = Gate(options["redis_url"], max_jobs=int(options.get("max_jobs", 100_000)))
-
-    def _brpop_read(self, **options: Any) -> bool:
-        # kombu's own `_brpop_read` (5.7), with `loads(item)` replaced by the gate.
-        try:
-            try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
-            except self.connection_errors:
-                self.client.connection.disconnect()
-                raise
-            if not dest__item:
-                raise Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            message = self.gate.admit(item, dest)
-            if message is not None:
-                self._deliver_guarded(message, dest, item)
-            return True
-        finally:
-            self._in_poll = None
-            flush = getattr(self, "_flush_brpop_reauth", None)
-            if flush is not None:
-                flush()
-
-    def _get(self, queue: str) -> dict[str, Any]:
-        # kombu's own `_get` (synchronous polling), with the gate: a refused entry reads as empty.
-        with self.conn_or_acquire() as client:
-            for pri in self.priority_steps:
-                item = client.rpop(self._q_for_pri(queue, pri))
-                if item:
-                    self._maybe_update_queues_expire(client, queue)
-                    message = self.gate.admit(item, queue)
-                    if message is None:
-                        raise Empty()
-                    return message
-            self._maybe_update_queues_expire(client, queue)
-            raise Empty()
-
-    def _get_and_deliver(self, queue: str, callback: Any) -> None:
-        message = self._get(queue)
-        self._deliver_guarded(message, queue, json.dumps(message).encode(), callback)
-
-    def _deliver_guarded(self, message: dict[str, Any], queue: str, item: bytes,
-                         callback: Any = None) -> None:
-        """Hand the message to Celery; if Celery still raises on it, ack it and dead-letter it."""
-        try:
-            (callback or self.connection._deliver)(message, queue)
-        except self.connection_errors:
-            raise
-        except Exception as exc:  # whatever Celery raised, the worker must live on
-            tag = message["properties"]["delivery_tag"]
-            try:
-                self.qos.ack(tag)
-            except self.connection_errors:
-                log.warning("could not ack the refused message %s", tag)
-            self.gate.dead_letter(item, "celery_error", "celery", f"Celery could not take the message: {exc!r}",
-                                  queue=queue)
-
-
-class Transport(_RedisTransport):  # type: ignore[misc]
-    """kombu's Redis transport with the intake gate (`broker_transport = "tasks.intake:Transport"`)."""
-
-    Channel = Channel

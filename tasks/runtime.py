@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.circuit import CircuitBreaker
-from worker.inflight import Inflight
+from worker.inflight import OwnerBeat, Reaper, process_owner
 from worker.jobs import JobContext, RetryPolicy, before_call_hook
 from worker.ledger import Ledger
 from worker.parking import Parking
@@ -87,12 +86,15 @@ class Runtime:
                 adapter.token_store = RedisTokenStore(self.redis, adapter.name)
         parking = Parking(self.redis, queue=s.queue)
         self._mover_task = asyncio.get_running_loop().create_task(parking.run_mover(s.park_poll_seconds))
-        inflight = Inflight(self.redis, queue=s.queue, grace_seconds=s.inflight_grace_seconds)
-        self._sweep_task = asyncio.get_running_loop().create_task(inflight.run_sweeper(s.inflight_sweep_seconds))
-        owner = f"{socket.gethostname()}:{self.pid}"
+        # This process owns the jobs it runs: its beat (a thread of its own) keeps them; when a
+        # process's beat stops, any worker's reaper gives its messages and running jobs back.
+        owner = process_owner()
+        self.owner_beat = OwnerBeat.ensure(s.redis_url)
         self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
         ledger = Ledger(self.redis, max_jobs=s.ledger_max_jobs, max_age_seconds=s.ledger_max_age_seconds,
                         trim_every=s.ledger_trim_every, change_ttl_seconds=s.ledger_change_ttl_seconds)
+        reaper = Reaper(self.redis, ledger, queues=[s.queue])
+        self._sweep_task = asyncio.get_running_loop().create_task(reaper.run(s.reaper_interval_seconds))
         self._trim_task = asyncio.get_running_loop().create_task(
             ledger.run_retention(s.ledger_trim_interval_seconds))
         return JobContext(
@@ -105,7 +107,6 @@ class Runtime:
             lock_wait=s.lock_wait_seconds,
             rng=random.Random(),
             parking=parking,
-            inflight=inflight,
             limiter=limiter,
             circuit=CircuitBreaker(
                 self.redis, threshold=s.circuit_failure_threshold, cooldown=s.circuit_cooldown_seconds,

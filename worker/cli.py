@@ -232,6 +232,27 @@ Stop with Ctrl-C.""")
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from worker.inflight import purge
+
+    settings = _settings()
+    url = _require_redis(settings)
+    queue = args.queue or settings.queue
+
+    async def go() -> dict[str, int]:
+        client = aioredis.from_url(url)
+        try:
+            return await purge(client, queue)
+        finally:
+            await client.aclose()
+
+    done = asyncio.run(go())
+    print(f"purged {queue}: {done['queued']} queued message(s), {done['tracked']} held by dead workers")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -283,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox-port", type=int, default=8090)
     p.add_argument("--data-dir", default="var/redis", help="embedded Redis data (AOF)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("purge", help="empty a queue and the copies dead workers still hold for it")
+    p.add_argument("--queue", help="queue name (default: CLIENTSYNC_QUEUE)")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("demo", help="start everything, send a few changes, show what happened, exit")
     p.add_argument("--timeout", type=float, default=60.0)

@@ -46,7 +46,6 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.inflight import Inflight
 from worker.ledger import FINAL as FINAL_STATES
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email, mask_emails
@@ -108,7 +107,6 @@ class JobContext:
     lock_wait: float
     rng: random.Random
     parking: Parking | None = None  # None: retries fall back to Celery countdowns
-    inflight: Inflight | None = None  # None: pushed messages are not tracked
     limiter: RateLimiter | None = None
     circuit: CircuitBreaker | None = None
     retry_after_max: float = RETRY_AFTER_MAX
@@ -150,8 +148,6 @@ async def fan_out(
 
     An invalid argument becomes a dead letter with the validation errors, never an exception.
     """
-    if ctx.inflight is not None:
-        await ctx.inflight.started(task_id)
     try:
         change = ClientChange.model_validate(raw)
     except ValidationError as exc:
@@ -193,10 +189,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
                   task_id: str | None = None) -> Decision:
     """One run of one (event, provider) job; records the ledger and returns the decision.
 
-    `task_id` is the Celery message's id when it came through the queue (marks it started).
+    `task_id` is the Celery message's id when it came through the queue.
     """
-    if task_id is not None and ctx.inflight is not None:
-        await ctx.inflight.started(task_id)
     job_id = keys.job_id(provider, change.event_id)
     adapter = ctx.adapters.get(provider)
     if adapter is None:
@@ -223,7 +217,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
                            message=why)
     # Only now is the job running: a job that waits on the circuit never shows as running.
-    previous = await ctx.ledger.running(job_id)
+    # The ledger names this process as the owner, so a reaper re-enqueues the job if it dies.
+    previous = await ctx.ledger.running(job_id, owner=ctx.owner, queue=ctx.parking.queue if ctx.parking else None)
     if previous in FINAL_STATES:
         await _record(ctx, provider, token, "neutral")  # hands back a probe it may hold
         return await _already_finished(job_id, change, previous, attempt, ctx, bound)

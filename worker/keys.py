@@ -137,11 +137,9 @@ STATS_PROVIDERS = f"{PREFIX}stats:providers"
 #: hash job id -> its one parked message in `DELAYED` (so a re-park replaces, never doubles)
 DELAYED_JOBS = f"{PREFIX}delayed:jobs"
 
-#: messages clientsync pushed that no worker has started yet (worker.inflight):
-#: sorted set of Celery task ids scored by push (or last check) time in ms, and their messages
-INFLIGHT = f"{PREFIX}inflight"
-INFLIGHT_MESSAGES = f"{PREFIX}inflight:msg"
-#: kombu's Redis transport keeps delivered, unacked messages here (kombu's default key name)
+# --- message ownership (worker.inflight, tasks.transport) ---
+#: kombu's Redis transport keeps delivered, unacked messages here (kombu's default key names):
+#: a hash delivery tag -> `[message, exchange, routing key]` and a sorted set tag -> delivery time (s)
 KOMBU_UNACKED = "unacked"
 
 # --- intake (tasks.intake, worker.parking, worker.web): poison-proof queue and operator doors ---
@@ -185,3 +183,42 @@ def oauth_refresh_lock(provider: str) -> str:
 OAUTH_TOKEN_TTL_SECONDS = 90 * 24 * 3600
 #: a refresh that has not finished by then (a crashed holder) lets another worker try
 OAUTH_REFRESH_LOCK_SECONDS = 30
+
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+#: sorted set of live processes (workers' consumers and runtimes): owner id -> last heartbeat
+#: (ms, Redis's clock). An owner whose beat is older than `OWNER_TTL_SECONDS` is dead: a reaper
+#: gives its messages and running jobs back.
+OWNERS = f"{PREFIX}owners"
+OWNER_TTL_SECONDS = 10
+#: a process beats every `OWNER_TTL_SECONDS / OWNER_BEATS_PER_TTL` seconds
+OWNER_BEATS_PER_TTL = 5
+
+#: hash delivery tag -> the owner holding that delivery (who may ack it)
+HOLDERS = f"{PREFIX}holders"
+
+
+def owner_queues(owner: str) -> str:
+    """Set of the queues an owner took messages from (where the reaper looks)."""
+    return f"{PREFIX}ownerq:{owner}"
+
+
+def inbox(queue: str, owner: str) -> str:
+    """List: a message the owner moved off `queue` (BLMOVE) and has not recorded as held yet."""
+    return f"{PREFIX}inbox:{queue}:{owner}"
+
+
+def held(queue: str, owner: str) -> str:
+    """Set of delivery tags the owner holds from `queue` (recorded in kombu's unacked hash)."""
+    return f"{PREFIX}held:{queue}:{owner}"
+
+
+def running_jobs(owner: str) -> str:
+    """Set of ledger job ids the owner is running."""
+    return f"{PREFIX}running:{owner}"
+
+
+#: the reaper's last sweep (ms) and the time (ms) before which it reaps nobody: after a gap in
+#: sweeping (Redis down or restarted from its AOF), live owners get one TTL to beat again
+REAPER_LAST = f"{PREFIX}reaper:last"
+REAPER_GRACE = f"{PREFIX}reaper:grace"

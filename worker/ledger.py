@@ -34,7 +34,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker import keys
-from worker.inflight import TRACK_LUA
 from worker.models import ClientChange, mask_emails
 
 log = logging.getLogger("clientsync.ledger")
@@ -57,7 +56,7 @@ STATE_COUNTERS: dict[str, str] = {
 }
 #: every counter field the transition script writes
 COUNTERS: tuple[str, ...] = ("enqueued", "applied", "retried", "parked", "dead", "skipped", "replayed",
-                             "discarded", "needs_attention")
+                             "discarded", "needs_attention", "requeued")
 
 
 def bucket_label(bound: float) -> str:
@@ -80,6 +79,16 @@ local FINAL = {{succeeded=true, skipped=true, dead=true, discarded=true, needs_a
 local COUNTER = cjson.decode({_lua_str(json.dumps(STATE_COUNTERS))})
 local BUCKETS = cjson.decode({_lua_str(json.dumps([[b, bucket_label(b)] for b in LATENCY_BUCKETS]))})
 local KEEP_HISTORY = {MAX_ATTEMPTS_KEPT}
+-- running jobs per owner (worker.inflight's reaper re-enqueues a dead owner's), and the owners' beats
+local RUNNING, OWNERS, OWNER_TTL = {_lua_str(keys.running_jobs(""))}, {_lua_str(keys.OWNERS)},
+  {keys.OWNER_TTL_SECONDS * 1000}
+
+-- Whether `owner` has no live heartbeat (absent, or older than the TTL).
+local function owner_dead(owner, now)
+  if not owner then return true end
+  local beat = tonumber(redis.call('ZSCORE', OWNERS, owner) or '')
+  return not beat or beat < now - OWNER_TTL
+end
 
 -- Forget one job: its record, history and every index entry.
 local function drop(id)
@@ -106,6 +115,12 @@ local function transition(id, new, now, mode, fields, entry, counts, allowed, ke
   if mode == 'create' and old then return old, false end
   if mode == 'live' and old and FINAL[old] then return old, false end
   if mode == 'guard' and not (old and allowed[old]) then return old or '', false end
+  local prev_owner = redis.call('HGET', job, 'owner')
+  if old == 'running' and prev_owner then redis.call('SREM', RUNNING .. prev_owner, id) end
+  if new == 'running' then
+    if type(fields.owner) == 'string' then redis.call('SADD', RUNNING .. fields.owner, id)
+    else redis.call('HDEL', job, 'owner', 'queue') end
+  end
   local flat = {{}}
   for k, v in pairs(fields) do
     if v == cjson.null then redis.call('HDEL', job, k) else table.insert(flat, k); table.insert(flat, tostring(v)) end
@@ -147,7 +162,7 @@ local function transition(id, new, now, mode, fields, entry, counts, allowed, ke
   if not old then redis.call('HINCRBY', stats, 'enqueued', 1) end
   if new ~= old then
     local counter = COUNTER[new]
-    if new == 'queued' and old then counter = 'replayed' end
+    if new == 'queued' and old then counter = old == 'running' and fields.requeued and 'requeued' or 'replayed' end
     if new == 'retrying' and not counts then counter = 'parked' end
     if counter then redis.call('HINCRBY', stats, counter, 1) end
     if new == 'succeeded' and tonumber(meta[3] or '') then
@@ -178,7 +193,7 @@ return old
 # KEYS: the Celery queue (for replay; unused by discard)
 # ARGV: action ('replay'|'discard'), now_ms, allowed states (comma-separated), note, then
 #       pairs of (job_id, Celery message or '') -> one result per job: 'ok' or the state that refused
-_OPERATE = _LIB + TRACK_LUA + """
+_OPERATE = _LIB + """
 local action, now, note = ARGV[1], tonumber(ARGV[2]), ARGV[4]
 local allowed = {}
 for s in string.gmatch(ARGV[3], '[^,]+') do allowed[s] = true end
@@ -191,17 +206,46 @@ fields.note = note
 local out = {}
 for i = 5, #ARGV, 2 do
   local id, message = ARGV[i], ARGV[i + 1]
-  local old, moved = transition(id, new, now, 'guard', fields, entry, false, allowed, 0)
+  local old, moved
+  local cur = redis.call('HMGET', JOB .. id, 'state', 'owner')
+  if cur[1] == 'running' and allowed.running and not owner_dead(cur[2], now) then
+    old, moved = 'running', false  -- its worker is alive: still owned
+  else
+    old, moved = transition(id, new, now, 'guard', fields, entry, false, allowed, 0)
+  end
   if moved then
     if action == 'replay' then
       redis.call('LPUSH', KEYS[1], message)
-      track(message, now)
       redis.call('HINCRBY', JOB .. id, 'replays', 1)
     end
     table.insert(out, 'ok')
   else
     table.insert(out, old == '' and 'missing' or old)
   end
+end
+return out
+"""
+
+# A dead owner's jobs still shown running go back to the queue they came from, from their stored
+# change; jobs it no longer runs only leave its running set.
+# ARGV: owner, now_ms, then triples of (job_id, queue, Celery message or '') -> 'ok' or why not, per job
+_REQUEUE_ORPHANS = _LIB + """
+local owner, now = ARGV[1], tonumber(ARGV[2])
+local note = 'its worker ' .. owner .. ' died while running it; re-enqueued from the stored change'
+local entry = cjson.encode({outcome = 'requeued', at = now / 1000, note = note})
+local out = {}
+for i = 3, #ARGV, 3 do
+  local id, queue, message = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local cur = redis.call('HMGET', JOB .. id, 'state', 'owner')
+  if cur[1] == 'running' and cur[2] == owner and message ~= '' then
+    transition(id, 'queued', now, 'force', {next_attempt_at = cjson.null, note = note, requeued = now / 1000},
+               entry, false, {}, 0)
+    redis.call('RPUSH', queue, message)  -- the consuming end: it waited long enough
+    table.insert(out, 'ok')
+  else
+    table.insert(out, cur[1] or 'missing')
+  end
+  redis.call('SREM', RUNNING .. owner, id)
 end
 return out
 """
@@ -328,6 +372,7 @@ class Ledger:
         self._transition = redis.register_script(_TRANSITION)
         self._operate = redis.register_script(_OPERATE)
         self._trim = redis.register_script(_TRIM)
+        self._requeue_orphans = redis.register_script(_REQUEUE_ORPHANS)
 
     async def _move(
         self,
@@ -361,9 +406,15 @@ class Ledger:
             await self._maybe_trim()
         return job_id
 
-    async def running(self, job_id: str) -> str:
-        """Returns the previous state (a final one means this run is a redelivered duplicate)."""
-        return await self._move(job_id, "running", fields={"next_attempt_at": None})
+    async def running(self, job_id: str, *, owner: str | None = None, queue: str | None = None) -> str:
+        """Returns the previous state (a final one means this run is a redelivered duplicate).
+
+        `owner` (the process's id in `keys.OWNERS`) and `queue` let a reaper re-enqueue the job
+        if that process dies while running it (`worker.inflight`)."""
+        fields: dict[str, Any] = {"next_attempt_at": None}
+        if owner is not None:
+            fields.update(owner=owner, queue=queue)
+        return await self._move(job_id, "running", fields=fields)
 
     async def retrying(self, job_id: str, attempt: Attempt) -> None:
         await self._move(job_id, "retrying", attempt=attempt, fields={
@@ -446,6 +497,18 @@ class Ledger:
         for job_id, message in pairs:
             args += [job_id, message]
         out = await self._operate(keys=[queue or keys.JOBS_BY_TIME], args=args)
+        return [_text(r) for r in out]
+
+    async def requeue_orphans(self, owner: str, entries: Sequence[tuple[str, str, str]]) -> list[str]:
+        """For each (job_id, queue, message): if the job is still `running` for the dead `owner`,
+        mark it queued and push the message onto `queue`; either way drop it from the owner's
+        running set. One round trip; returns 'ok' or the job's state per entry."""
+        if not entries:
+            return []
+        args: list[Any] = [owner, now_ms()]
+        for entry in entries:
+            args += list(entry)
+        out = await self._requeue_orphans(keys=[keys.OWNERS], args=args)
         return [_text(r) for r in out]
 
     async def trim(self) -> int:

@@ -8,7 +8,9 @@ Decisions recorded here (and in `worker/web/openapi.yaml`):
 
 - **Replayable states**: a single replay accepts `dead` and `discarded` jobs (an operator may
   change their mind); a bulk replay by filter takes `dead` jobs only. Anything else is
-  refused (409): a queued/running/retrying job is still owned by the workers, and a
+  refused (409): a queued/running/retrying job is still owned by the workers (except a
+  `running` job whose worker is dead, i.e. whose owner's heartbeat expired: it may be
+  replayed, checked in the same script as the replay; the reaper also re-enqueues it), and a
   succeeded or skipped job must not be sent again (its idempotency key would answer the
   stored outcome anyway, so even a forced replay could not apply twice).
 - A replay enqueues `clientsync.apply_change` with `[change, provider]`, `{"attempt": 1}`
@@ -44,6 +46,8 @@ from worker.parking import apply_message, task_key
 APPLY_TASK = "clientsync.apply_change"
 #: states a single replay accepts; a bulk replay takes `dead` only
 REPLAYABLE: tuple[str, ...] = ("dead", "discarded")
+#: what a single replay asks the ledger for: `running` only passes when the job's worker is dead
+_REPLAY_GUARD: tuple[str, ...] = (*REPLAYABLE, "running")
 BULK_REPLAYABLE: tuple[str, ...] = ("dead",)
 DISCARDABLE: tuple[str, ...] = ("dead",)
 MAX_LIMIT = 500
@@ -496,8 +500,9 @@ class Monitor:
         if row is None:
             raise JobNotFound(job_id)
         state = row.get("state", "")
-        if state not in REPLAYABLE:
-            raise NotAllowed(job_id, state, f"job is {state}; only {' or '.join(REPLAYABLE)} jobs can be replayed"
+        if state not in _REPLAY_GUARD:
+            raise NotAllowed(job_id, state, f"job is {state}; only {' or '.join(REPLAYABLE)} jobs "
+                             "(or a running job whose worker died) can be replayed"
                              + (" (it was applied; its idempotency key would not apply it again)"
                                 if state == "succeeded" else ""))
         if not row.get("change") or row.get("provider") in (None, "-"):
@@ -505,7 +510,9 @@ class Monitor:
                                             "producer and send the change again")
         task_id, message = self._message(job_id, json.loads(row["change"]), row["provider"],
                                          await task_key(self.redis))
-        result = (await self.ledger.replay(self.queue, [(job_id, message)], allowed=REPLAYABLE, note=note))[0]
+        result = (await self.ledger.replay(self.queue, [(job_id, message)], allowed=_REPLAY_GUARD, note=note))[0]
+        if result == "running":
+            raise NotAllowed(job_id, result, "job is running and its worker is alive; it cannot be replayed")
         if result != "ok":
             raise NotAllowed(job_id, result, f"job changed to {result} meanwhile; not replayed")
         return {"id": job_id, "status": "queued", "task_id": task_id}

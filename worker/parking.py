@@ -41,7 +41,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker import keys
-from worker.inflight import TRACK_LUA
 from worker.lua import NOW_LUA
 from worker.producer import task_message
 
@@ -62,11 +61,10 @@ return due
 """
 
 # KEYS: delayed zset, job index hash, queue list; ARGV: batch, now_ms ('' = Redis time) -> moved
-_MOVE = NOW_LUA + TRACK_LUA + """
+_MOVE = NOW_LUA + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[1]))
 for _, m in ipairs(due) do
   redis.call('LPUSH', KEYS[3], m)
-  track(m, now_ms(''))
   redis.call('ZREM', KEYS[1], m)
   local ok, msg = pcall(cjson.decode, m)
   if ok and type(msg) == 'table' and type(msg.headers) == 'table' then

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import uuid
@@ -18,22 +19,27 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from worker import keys
-from worker.inflight import TRACK_LUA
-from worker.lua import NOW_LUA
 from worker.models import ClientChange, mask_emails
 
 SYNC_TASK = "clientsync.sync_client"
+
+log = logging.getLogger("clientsync.producer")
+
+#: what a 2xx promises (`CLIENTSYNC_DURABILITY`): `none` = in Redis's memory (on disk within
+#: Redis's own `appendfsync` policy); `aof` = written and fsynced to Redis's AOF (WAITAOF, Redis
+#: 7.2+ with appendonly); `auto` = `aof` when the Redis supports it, else `none`
+Durability = Literal["none", "aof", "auto"]
 
 # The claim holds "<task id> <payload fingerprint>": a second send of the event id with the
 # same payload is a duplicate (0), with another payload a conflict (2). A claim written before
 # fingerprints were kept (no space) cannot tell: a duplicate.
 # KEYS: event claim, queue; ARGV: task id, TTL, message, fingerprint -> 1 queued, 0 duplicate, 2 conflict
-_CLAIM_AND_PUSH = NOW_LUA + TRACK_LUA + """
+_CLAIM_AND_PUSH = """
 if redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[4], 'NX', 'EX', tonumber(ARGV[2])) then
   redis.call('LPUSH', KEYS[2], ARGV[3])
-  track(ARGV[3], now_ms(''))
   return 1
 end
 local held = redis.call('GET', KEYS[1])
@@ -93,13 +99,78 @@ class Enqueued:
     task_id: str | None
 
 
-class Producer:
-    """Claims event ids and enqueues changes; one round trip per change."""
+class NotDurable(redis.exceptions.RedisError):
+    """The write could not be confirmed on disk as `CLIENTSYNC_DURABILITY` asks: answer 503."""
 
-    def __init__(self, redis: aioredis.Redis, *, queue: str, event_ttl: int) -> None:
+
+async def aof_supported(client: aioredis.Redis) -> tuple[bool, str]:
+    """Whether `WAITAOF` can confirm writes on this Redis (7.2+ with appendonly), and why not."""
+    info = await client.info("server")
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < (7, 2):
+        return False, f"Redis {version} has no WAITAOF (needs 7.2+)"
+    persistence = await client.info("persistence")
+    if not int(persistence.get("aof_enabled", 0)):
+        return False, f"Redis {version} runs without appendonly"
+    return True, f"Redis {version} with appendonly"
+
+
+class DurableWrites:
+    """After a push, wait until Redis has fsynced it to its AOF, if the setting asks for it.
+
+    `WAITAOF 1 0 timeout` covers the writes of the connection it runs on, so the caller runs it
+    on the connection that pushed. Support is checked once (INFO), and again after an error.
+    """
+
+    def __init__(self, mode: Durability = "auto", *, timeout_seconds: float = 2.0) -> None:
+        self.mode = mode
+        self.timeout_ms = max(1, int(timeout_seconds * 1000))
+        self._use_waitaof: bool | None = None
+
+    async def prepare(self, conn: aioredis.Redis) -> None:
+        """Before a push: fail (NotDurable) if the setting cannot be met, so nothing is queued for a 503."""
+        await self._decide(conn)
+
+    async def _decide(self, conn: aioredis.Redis) -> bool:
+        if self._use_waitaof is None:
+            if self.mode == "none":
+                self._use_waitaof = False
+            else:
+                ok, why = await aof_supported(conn)
+                if not ok and self.mode == "aof":
+                    raise NotDurable(f"CLIENTSYNC_DURABILITY=aof needs Redis 7.2+ with appendonly yes: {why}")
+                self._use_waitaof = ok
+                log.info("durability %s: %s", self.mode, f"2xx after WAITAOF ({why})" if ok else
+                         f"2xx once in Redis's memory ({why})")
+        return self._use_waitaof
+
+    async def wait(self, conn: aioredis.Redis) -> None:
+        """Return once this connection's writes are as durable as the setting asks; else raise NotDurable."""
+        if not await self._decide(conn):
+            return
+        try:
+            local, _replicas = await conn.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, 0, self.timeout_ms)
+        except redis.exceptions.ResponseError as exc:
+            self._use_waitaof = None  # Redis changed under us (downgraded, appendonly off): look again
+            if self.mode == "aof":
+                raise NotDurable(f"WAITAOF failed: {exc}") from exc
+            log.warning("WAITAOF failed (%s); answering without it until Redis supports it again", exc)
+            return
+        if int(local) < 1:
+            raise NotDurable(f"the AOF write was not confirmed within {self.timeout_ms} ms")
+
+
+class Producer:
+    """Claims event ids and enqueues changes; one round trip per change (plus WAITAOF when asked)."""
+
+    def __init__(self, redis: aioredis.Redis, *, queue: str, event_ttl: int,
+                 durability: DurableWrites | None = None) -> None:
         self.redis = redis
         self.queue = queue
         self.event_ttl = event_ttl
+        self.durability = durability or DurableWrites("none")
         self._claim_and_push = redis.register_script(_CLAIM_AND_PUSH)
 
     async def enqueue(self, change: ClientChange, *, received_at: float) -> Enqueued:
@@ -109,10 +180,15 @@ class Producer:
         payload = change.model_dump(mode="json")
         message = task_message(SYNC_TASK, [payload], {"received_at": received_at}, queue=self.queue,
                                task_id=task_id)
-        pushed = int(await self._claim_and_push(
-            keys=[keys.event(change.event_id), self.queue],
-            args=[task_id, self.event_ttl, message, change.fingerprint()],
-        ))
+        # One connection for the push and WAITAOF: WAITAOF confirms that connection's writes.
+        async with self.redis.client() as conn:
+            await self.durability.prepare(conn)
+            pushed = int(await self._claim_and_push(
+                keys=[keys.event(change.event_id), self.queue],
+                args=[task_id, self.event_ttl, message, change.fingerprint()], client=conn,
+            ))
+            if pushed == 1:
+                await self.durability.wait(conn)
         if pushed == 1:
             return Enqueued("queued", task_id)
         return Enqueued("conflict" if pushed == 2 else "duplicate", None)

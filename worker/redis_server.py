@@ -54,13 +54,16 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """A redis-server child process on loopback; `persist=True` keeps an AOF in `data_dir`."""
+    """A redis-server child process on loopback; `persist=True` keeps an AOF in `data_dir`
+    (`appendfsync` as given: Redis's default `everysec`, or `always` for the chaos benchmark)."""
 
-    def __init__(self, *, port: int = 0, data_dir: str | None = None, persist: bool = False) -> None:
+    def __init__(self, *, port: int = 0, data_dir: str | None = None, persist: bool = False,
+                 appendfsync: str = "everysec") -> None:
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="clientsync-redis-")
         self.data_dir = data_dir or self._tmp or ""
         self.persist = persist
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +75,7 @@ class EmbeddedRedis:
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", self.data_dir, "--save", "", "--daemonize", "no", "--loglevel", "warning",
-            "--appendonly", "yes" if self.persist else "no",
+            "--appendonly", "yes" if self.persist else "no", "--appendfsync", self.appendfsync,
         ]
         self.process = subprocess.Popen(  # noqa: S603
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,10 +108,17 @@ class Settings(BaseSettings):
     unacked_restore_interval: int = Field(
         10, ge=1, description="How often (s) workers look for unacked messages past the visibility timeout."
     )
-    inflight_grace_seconds: float = Field(
-        30.0, gt=0, description="A pushed message not started after this long is checked for loss (worker.inflight)."
+    durability: Literal["auto", "none", "aof"] = Field(
+        "auto", description="What a webhook 2xx promises: aof = fsynced to Redis's AOF (WAITAOF, Redis 7.2+); "
+        "none = in Redis's memory; auto = aof when Redis supports it.",
     )
-    inflight_sweep_seconds: float = Field(5.0, gt=0, description="How often each worker looks for lost messages.")
+    durability_timeout_seconds: float = Field(
+        2.0, gt=0, description="Longest wait for the AOF fsync before answering 503 (durability aof/auto).",
+    )
+    reaper_interval_seconds: float = Field(
+        1.0, gt=0, le=10,
+        description="How often each worker looks for a dead worker's messages and running jobs (worker.inflight).",
+    )
     task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
     worker_concurrency: int = Field(16, ge=1)
     worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from worker.producer import Producer
+from worker.producer import DurableWrites, Producer
 from worker.settings import Settings
 from worker.web import dashboard, handlers
 from worker.web import monitor as monitor_web
@@ -33,7 +33,9 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         # Short timeouts: a stuck Redis must turn into a quick 503, not a hung sender.
         client = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
         app[REDIS] = client
-        app[PRODUCER] = Producer(client, queue=settings.queue, event_ttl=settings.event_ttl_seconds)
+        app[PRODUCER] = Producer(client, queue=settings.queue, event_ttl=settings.event_ttl_seconds,
+                                 durability=DurableWrites(settings.durability,
+                                                          timeout_seconds=settings.durability_timeout_seconds))
         yield
         await client.aclose()
 
