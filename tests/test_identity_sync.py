@@ -230,3 +230,29 @@ async def test_a_record_linked_to_another_client_is_never_adopted(world: World) 
     rx = await world.adapter.get(ox.provider_id or "")
     assert world.adapter.same_payload(rx, x)
     assert await world.store.owners(world.name, [ox.provider_id or ""]) == {ox.provider_id: "src-x"}
+
+
+@pytest.mark.parametrize("world", PROVIDERS, indirect=True)
+async def test_a_newer_change_after_an_unclear_create_adopts_that_create_not_a_second_record(world: World) -> None:
+    """v1's create lands but its answer is lost; v2 (other data) must find v1's record, not make another."""
+    v1 = world.client("src-v", phone="+33 1 11 11 11 11")
+    world.faults(fail_after_commit_next=1, write_match="POST")
+    with pytest.raises(ProviderUnavailable):
+        await world.apply(world.change(v1))
+    v2 = v1.model_copy(update={"phone": "+33 1 22 22 22 22", "last_name": "Newer"})
+    outcome = await world.settle(world.change(v2))
+    assert outcome.result == "adopted"
+    assert await world.live() == [outcome.provider_id]
+    assert world.adapter.same_payload(await world.adapter.get(outcome.provider_id or ""), v2)
+
+
+@pytest.mark.parametrize("world", WITH_DELETE, indirect=True)
+async def test_a_delete_after_an_unclear_create_deletes_that_create(world: World) -> None:
+    """The create landed, its answer was lost, then the client is deleted: nothing may remain."""
+    x = world.client("src-gone")
+    world.faults(fail_after_commit_next=1, write_match="POST")
+    with pytest.raises(ProviderUnavailable):
+        await world.apply(world.change(x))
+    outcome = await world.settle(world.change(x, action="delete"))
+    assert outcome.result == "deleted"
+    assert await world.live() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +12,10 @@ from worker import keys
 from worker.store import SyncStore
 
 P, C = "invoice_ninja", "client-1"
+
+
+def _intent(event_id: str, at: float = 1.0) -> str:
+    return json.dumps({"event_id": event_id, "at": at, "client": json.dumps({"id": C, "name": "Acme"})})
 
 
 @pytest.fixture
@@ -64,10 +69,10 @@ async def test_an_aborted_claim_can_be_run_again_by_a_retry(store: SyncStore) ->
 
 async def test_the_intent_survives_an_abort_and_is_cleared_by_finish(store: SyncStore) -> None:
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
-    assert await store.mark_intent("k1", P, C, owner="w1", intent="e1", now_ms=1000)
+    assert await store.mark_intent("k1", P, C, owner="w1", intent=_intent("e1"), now_ms=1000)
     await store.abort("k1", P, C, owner="w1")
     retry = await store.begin("k1", P, C, fingerprint="fp", owner="w2", now_ms=1001)
-    assert retry.state is not None and retry.state.intent == "e1"
+    assert retry.state is not None and [i["event_id"] for i in retry.state.intents] == ["e1"]
     await store.finish("k1", P, C, owner="w2", outcome={"result": "adopted"}, link="X")
     nxt = await store.begin("k2", P, C, fingerprint="fp2", owner="w3", now_ms=1002)
     assert nxt.state is not None and nxt.state.intent is None and nxt.state.link == "X"
@@ -75,7 +80,7 @@ async def test_the_intent_survives_an_abort_and_is_cleared_by_finish(store: Sync
 
 async def test_only_the_lock_holder_can_record_an_intent(store: SyncStore) -> None:
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
-    assert not await store.mark_intent("k1", P, C, owner="intruder", intent="e9", now_ms=1000)
+    assert not await store.mark_intent("k1", P, C, owner="intruder", intent=_intent("e9"), now_ms=1000)
 
 
 async def test_marks_and_tombstones_are_recorded_and_compared(store: SyncStore) -> None:
@@ -107,14 +112,14 @@ def test_idempotency_keys_are_derived_not_random() -> None:
 async def test_a_stale_change_leaves_the_intent_of_an_unfinished_create(store: SyncStore) -> None:
     # u2 sent its create, then crashed before recording the result: its intent must survive...
     await store.begin("u2", P, C, fingerprint="fp2", owner="w1", now_ms=1000)
-    assert await store.mark_intent("u2", P, C, owner="w1", intent="u2", now_ms=1000)
+    assert await store.mark_intent("u2", P, C, owner="w1", intent=_intent("u2"), now_ms=1000)
     await store.abort("u2", P, C, owner="w1")
     # ...an older change skipped as stale in between...
     await store.begin("u0", P, C, fingerprint="fp0", owner="w2", now_ms=1001)
     assert await store.finish("u0", P, C, owner="w2", outcome={"result": "skipped", "reason": "stale"}) == "ok"
     # ...so the retry of u2 still looks the client up before creating.
     retry = await store.begin("u2", P, C, fingerprint="fp2", owner="w3", now_ms=1002)
-    assert retry.state is not None and retry.state.intent == "u2"
+    assert retry.state is not None and [i["event_id"] for i in retry.state.intents] == ["u2"]
 
 
 async def test_finish_is_refused_once_the_client_lock_is_someone_elses(store: SyncStore) -> None:
@@ -129,7 +134,7 @@ async def test_finish_is_refused_once_the_client_lock_is_someone_elses(store: Sy
 async def test_recording_an_intent_renews_both_leases(store: SyncStore) -> None:
     await store.begin("k1", P, C, fingerprint="fp", owner="w1", now_ms=1000)
     await store.redis.pexpire(keys.client_lock(P, C), 100)
-    assert await store.mark_intent("k1", P, C, owner="w1", intent="k1", now_ms=4000)
+    assert await store.mark_intent("k1", P, C, owner="w1", intent=_intent("k1"), now_ms=4000)
     assert await store.redis.pttl(keys.client_lock(P, C)) > 4000
     assert int(await store.redis.hget(keys.idempotency("k1"), "lease")) == 9000
 
@@ -222,3 +227,15 @@ async def test_renewing_keeps_the_lease_and_fails_once_it_is_someone_elses(store
     assert int(await store.redis.hget(keys.idempotency("k1"), "lease")) == 8000
     await store.redis.set(keys.client_lock(P, C), "w2")
     assert not await store.renew("k1", P, C, owner="w1")
+
+
+async def test_unanswered_creates_are_kept_as_a_list_with_what_each_sent(store: SyncStore) -> None:
+    """A second create after an unclear first one must still recognise the first's record."""
+    for n, key in enumerate(("c1", "c2"), 1):
+        await store.begin(key, P, C, fingerprint=key, owner="w", now_ms=1000 * n)
+        assert await store.mark_intent(key, P, C, owner="w", intent=_intent(key, at=float(n)), now_ms=1000 * n)
+        await store.abort(key, P, C, owner="w")
+    state = (await store.begin("c3", P, C, fingerprint="c3", owner="w", now_ms=5000)).state
+    assert state is not None
+    assert [(i["event_id"], i["at"]) for i in state.intents] == [("c1", 1.0), ("c2", 2.0)]
+    assert state.intent_time == 1.0

@@ -63,9 +63,23 @@ return {'go', tostring(takeover), s[1] or '', s[2] or '', s[3] or '', s[4] or ''
 # KEYS: client state, client lock, idempotency; ARGV: owner, intent, lease_ms, now_ms ('' = Redis time),
 # field ('intent' for a create, 'del_intent' for a delete)
 # Renews both leases: the write that follows gets a whole lease, however long the lookup took.
+# A create intent is appended to the client's list of unsettled creates (JSON array, newest
+# last, at most 5): each one's sent payload is what a later lookup must recognise.
 _MARK_INTENT = NOW_LUA + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[5], ARGV[2])
+if ARGV[5] == 'intent' then
+  local list = {}
+  local old = redis.call('HGET', KEYS[1], 'intent')
+  if old then
+    local ok, decoded = pcall(cjson.decode, old)
+    if ok and type(decoded) == 'table' then list = decoded end
+  end
+  table.insert(list, cjson.decode(ARGV[2]))
+  while #list > 5 do table.remove(list, 1) end
+  redis.call('HSET', KEYS[1], 'intent', cjson.encode(list))
+else
+  redis.call('HSET', KEYS[1], ARGV[5], ARGV[2])
+end
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 if redis.call('HGET', KEYS[3], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[3], 'lease', now_ms(ARGV[4]) + tonumber(ARGV[3]))
@@ -182,14 +196,22 @@ class ClientState:
     unsettled: bool = False
 
     @property
-    def intent_time(self) -> float | None:
-        """Unix seconds the pending create was recorded at."""
-        if not self.intent or "@" not in self.intent:
-            return None
+    def intents(self) -> list[dict[str, Any]]:
+        """The creates sent whose answer was never recorded, oldest first: each
+        {"event_id", "at" (unix s), "client" (the canonical client sent, as JSON text)}."""
+        if not self.intent:
+            return []
         try:
-            return float(self.intent.rsplit("@", 1)[1])
+            decoded = json.loads(self.intent)
         except ValueError:
-            return None
+            return []
+        return [i for i in decoded if isinstance(i, dict)] if isinstance(decoded, list) else []
+
+    @property
+    def intent_time(self) -> float | None:
+        """Unix seconds the oldest pending create was recorded at."""
+        times = [float(i["at"]) for i in self.intents if isinstance(i.get("at"), int | float)]
+        return min(times) if times else None
 
     def supersedes(self, mark: tuple[int, int], *, upsert: bool) -> bool:
         """True if a change at `mark` must be skipped as stale: older, or an upsert that ties a delete."""

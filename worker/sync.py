@@ -20,6 +20,7 @@ to a retry or a dead letter. The exactly-once rules (DESIGN.md) in the order the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -40,7 +41,7 @@ from worker.errors import (
 )
 from worker.identity import exact_matches, lookalikes, namesakes
 from worker.lease import LeaseGuard
-from worker.models import ClientChange, mask_email
+from worker.models import Client, ClientChange, mask_email
 from worker.providers.base import ProviderAdapter, ProviderConfig, RemoteClient
 from worker.store import Begin, ClientState, SyncStore
 
@@ -251,11 +252,11 @@ class _Run:
             raise self._ambiguous(exact, "match its exact keys")
         if state.intent:
             # A create was sent before and its answer never recorded: a record carrying the
-            # whole payload, created since the intent and owned by nobody, is that create.
-            similar = await self._unowned(
-                await lookalikes(self.adapter, self.client, since=state.intent_time))
+            # whole payload that create sent, created since its intent and owned by nobody, is
+            # that create (brought up to this change's data).
+            similar = await self._our_lost_creates()
             if len(similar) == 1:
-                return await self._adopt(similar[0].id, update=False)
+                return await self._adopt(similar[0].id, update=True)
             if len(similar) > 1:
                 raise self._ambiguous(similar, "carry the payload of its unanswered create")
         else:
@@ -267,6 +268,22 @@ class _Run:
             if others:
                 raise self._ambiguous(others, "share its non-unique keys and may already be it")
         return await self._create()
+
+    async def _our_lost_creates(self) -> list[RemoteClient]:
+        """Records that are this client's own unanswered creates: for each recorded intent, the
+        records carrying the payload it sent, created since, unowned (stamped ones are found by
+        `exact_matches` already)."""
+        found: dict[str, RemoteClient] = {}
+        for intent in self.state.intents:
+            try:
+                sent = Client.model_validate_json(intent["client"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("unreadable create intent of client %s at %s", self.client.id, self.adapter.name)
+                continue
+            at = intent.get("at")
+            for remote in await lookalikes(self.adapter, sent, since=float(at) if at is not None else None):
+                found.setdefault(remote.id, remote)
+        return await self._unowned(list(found.values()))
 
     async def _unowned(self, found: list[RemoteClient]) -> list[RemoteClient]:
         owners = await self.store.owners(self.adapter.name, [r.id for r in found])
@@ -318,7 +335,9 @@ class _Run:
         return self._done("adopted", remote_id)
 
     async def _create(self) -> tuple[Outcome, dict[str, Any]]:
-        intent = f"{self.change.event_id}@{time.time():.3f}"
+        # The client is kept as JSON text: Redis's Lua cjson would turn its empty lists into objects.
+        intent = json.dumps({"event_id": self.change.event_id, "at": round(time.time(), 3),
+                             "client": self.client.model_dump_json()})
         if not await self.store.mark_intent(self.idem, self.adapter.name, self.client.id, owner=self.owner,
                                             intent=intent):
             # Our lease on the client ran out (a slow Redis or a long pause): another worker may
@@ -330,13 +349,26 @@ class _Run:
     async def _delete(self) -> tuple[Outcome, dict[str, Any]]:
         tombstone: dict[str, Any] = {"mark": self.mark, "deleted": True}
         target = self.state.link
-        if target is None and self.state.intent and self.adapter.stamp_field:
-            # A create whose answer was lost: only a record stamped with this client's own id is
-            # ours to delete. A record found by an email or a name may be someone else's.
-            stamped = await self._unowned(
-                [r for r in await self.adapter.search("stamp", self.client.id)
-                 if self.adapter.stamped(r) == self.client.id])
-            target = stamped[0].id if len(stamped) == 1 else None
+        if target is None and self.state.intent:
+            # A create whose answer was lost: only a record that is provably that create is ours
+            # to delete: stamped with this client's own id, or carrying exactly the payload it
+            # sent, created since, owned by nobody. A record found by an email or a name alone
+            # may be someone else's and is never touched.
+            ours: list[RemoteClient] = []
+            if self.adapter.stamp_field:
+                ours = await self._unowned(
+                    [r for r in await self.adapter.search("stamp", self.client.id)
+                     if self.adapter.stamped(r) == self.client.id])
+            if not ours:
+                ours = await self._our_lost_creates()
+            if len(ours) > 1:
+                raise self._ambiguous(ours, "carry the payload of its unanswered create (to delete)")
+            if ours:
+                claimed = await self.store.claim_record(self.adapter.name, self.client.id, ours[0].id,
+                                                        owner=self.owner)
+                if claimed == "lost":
+                    raise LeaseLost(f"lost the lock on client {self.client.id} at {self.adapter.name}")
+                target = ours[0].id if claimed == "ok" else None
         if target is None:
             return Outcome("skipped", None, "not_linked"), tombstone
         if not await self.store.mark_intent(self.idem, self.adapter.name, self.client.id, owner=self.owner,
