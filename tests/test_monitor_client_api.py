@@ -76,7 +76,7 @@ async def test_the_client_view_shows_its_record_at_each_provider_and_its_jobs_ac
     assert set(PROVIDER_NAMES) <= set(body["providers"])
     lsp = body["providers"]["lsp_expert"]
     assert lsp["known"] and lsp["link"] == "L-981" and lsp["version"] == 7 and not lsp["deleted"]
-    assert lsp["applied_at"] == monitor_mod.iso(applied_us / 1_000_000)
+    assert lsp["changed_at"] == monitor_mod.iso(applied_us / 1_000_000)
     assert lsp["unsettled"] == {"key": "cs_lsp_expert_abc", "settle_at": monitor_mod.iso(settle_ms, ms=True),
                                 "settled": False}
     assert lsp["resolution"]["provider_id"] == "L-981"
@@ -85,7 +85,7 @@ async def test_the_client_view_shows_its_record_at_each_provider_and_its_jobs_ac
     assert qonto["del_intent"]["event_id"] == "e9" and qonto["intent"] is None
     assert body["providers"]["grow_crm"]["intent"]["event_id"] == "e8"
     assert body["providers"]["invoice_ninja"] == {
-        "known": False, "link": None, "deleted": False, "version": None, "applied_at": None, "intent": None,
+        "known": False, "link": None, "deleted": False, "version": None, "changed_at": None, "intent": None,
         "del_intent": None, "unsettled": None, "resolution": None}
     # every change of this client, at every provider, newest update first; nobody else's
     assert [j["id"] for j in body["jobs"]] == [second, first]
@@ -182,3 +182,29 @@ async def test_a_dead_letter_shows_its_reason_stage_and_masked_raw_payload(
     job = await (await api.get("/monitor/jobs/intake:t7", headers=AUTH)).json()
     assert job["provider"] == "intake" and job["reason"] == "bad_json" and job["stage"] == "gate"
     assert "x.y@corp.example" not in job["raw"] and "corp" not in job["raw"]
+
+
+async def test_dead_groups_of_one_client_count_only_that_clients_dead_jobs(
+        api: TestClient[Any, Any], ledger: Ledger) -> None:
+    await make_job(ledger, "qonto", "a1", "dead", client_id="c1")
+    await make_job(ledger, "qonto", "a2", "dead", client_id="c1", error_class="auth")
+    await make_job(ledger, "lsp_expert", "a3", "dead", client_id="c1")
+    await make_job(ledger, "qonto", "a4", "succeeded", client_id="c1")
+    await make_job(ledger, "qonto", "b1", "dead", client_id="c2")
+    body = await (await api.get("/monitor/dead-groups?client_id=c1", headers=AUTH)).json()
+    assert {(g["error_class"], g["provider"]): g["count"] for g in body["groups"]} == {
+        ("validation", "qonto"): 1, ("auth", "qonto"): 1, ("validation", "lsp_expert"): 1}
+    body = await (await api.get("/monitor/dead-groups?client_id=c1&provider=qonto", headers=AUTH)).json()
+    assert body["total"] == 2 and {g["provider"] for g in body["groups"]} == {"qonto"}
+
+
+async def test_the_root_redirects_to_the_dashboard(api: TestClient[Any, Any]) -> None:
+    resp = await api.get("/", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/dashboard"
+
+
+async def test_the_login_page_keeps_a_shared_links_view_through_sign_in(api: TestClient[Any, Any]) -> None:
+    page = await (await api.get("/dashboard")).text()
+    assert 'src="/dashboard/static/login.js"' in page
+    script = await (await api.get("/dashboard/static/login.js")).text()
+    assert "location.hash" in script

@@ -380,7 +380,7 @@ def client_state_view(data: Mapping[str, str], *, now: float | None = None) -> d
         "deleted": data.get("deleted") == "1",
         # a negative mark is an unversioned change: order by time only
         "version": int(version) if version is not None and version >= 0 else None,
-        "applied_at": iso(micros / 1_000_000) if micros is not None else None,
+        "changed_at": iso(micros / 1_000_000) if micros is not None else None,
         "intent": _intent_view(data.get("intent")),
         "del_intent": _intent_view(data.get("del_intent")),
         "unsettled": _unsettled_view(data.get("unsettled"), now),
@@ -481,12 +481,18 @@ class Monitor:
         found, pos = await self._scan(f, limit=limit, after=after, scan_limit=scan_limit)
         return Page([_row(i, r) for i, r in found], encode_cursor(*pos) if pos else None)
 
-    async def dead_groups(self, *, provider: str | None = None) -> dict[str, Any]:
-        """Dead jobs grouped by (error class, provider) with exact counts, largest group first.
+    async def dead_groups(self, *, provider: str | None = None, client_id: str | None = None) -> dict[str, Any]:
+        """Dead jobs (of one provider and/or client if given) grouped by (error class, provider)
+        with exact counts, largest group first.
 
-        ZSCAN over the dead index (every job dead for the whole scan is seen; duplicates are
+        ZSCAN over the narrowest index (every job there for the whole scan is seen; duplicates are
         dropped) with one pipelined HMGET per batch; a job that left `dead` meanwhile is not counted."""
-        source = keys.jobs_of_provider_in_state(provider, "dead") if provider else keys.jobs_in_state("dead")
+        if client_id:
+            source = keys.jobs_of_client(client_id)
+        elif provider:
+            source = keys.jobs_of_provider_in_state(provider, "dead")
+        else:
+            source = keys.jobs_in_state("dead")
         seen: set[str] = set()
         groups: dict[tuple[str, str], dict[str, Any]] = {}
         cursor: int = 0
@@ -500,7 +506,7 @@ class Monitor:
                 replies = await pipe.execute() if ids else []
             for reply in replies:
                 state, prov, error_class, error, updated = (_text(v) if v is not None else None for v in reply)
-                if state != "dead":
+                if state != "dead" or (provider and prov != provider):
                     continue
                 key = (error_class or "unknown", prov or "-")
                 group = groups.setdefault(key, {"error_class": key[0], "provider": key[1], "count": 0,
@@ -737,7 +743,8 @@ class Monitor:
             }
         totals = {s: sum(p["counts"][s] for p in providers.values()) for s in STATES}
         return {"generated_at": iso(time.time()), "queue": snap["queue"], "queue_depth": snap["queue_depth"],
-                "workers": await self.workers(), "totals": totals, "providers": providers}
+                "workers": await self.workers(), "provider_names": list(PROVIDER_NAMES), "totals": totals,
+                "providers": providers}
 
     async def workers(self, limit: int = 100) -> list[str]:
         """Names of worker processes whose heartbeat is live."""

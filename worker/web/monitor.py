@@ -286,13 +286,13 @@ async def get_job(request: web.Request) -> web.Response:
 
 @protected
 async def dead_groups(request: web.Request) -> web.Response:
-    """`GET /monitor/dead-groups`: dead jobs grouped by error class and provider, exact counts."""
+    """`GET /monitor/dead-groups`: dead jobs (of a provider, of a client) by error class and provider, exact counts."""
     try:
-        _check_known(request.query.keys(), {"provider"}, "query parameter")
-        f = JobFilter.parse(request.query, allowed=("provider",))
+        _check_known(request.query.keys(), {"provider", "client_id"}, "query parameter")
+        f = JobFilter.parse(request.query, allowed=("provider", "client_id"))
     except InvalidParam as exc:
         return _bad(exc)
-    return _ok(await _monitor(request).dead_groups(provider=f.provider))
+    return _ok(await _monitor(request).dead_groups(provider=f.provider, client_id=f.client_id))
 
 
 @protected
