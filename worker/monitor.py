@@ -39,6 +39,7 @@ from worker import circuit, keys
 from worker.ledger import COUNTERS, INTAKE, LATENCY_BUCKETS, STATES, Ledger, bucket_label
 from worker.models import PROVIDER_NAMES, mask_email
 from worker.parking import apply_message, task_key
+from worker.responses import parse_field
 
 #: must equal `tasks.sync.APPLY_TASK` (worker never imports tasks; a test checks they agree)
 APPLY_TASK = "clientsync.apply_change"
@@ -697,10 +698,17 @@ class Monitor:
                 await self._peek(keys=[keys.circuit(p)], client=pipe)
                 await self._peek(keys=[keys.rate_bucket(p)], client=pipe)
             pipe.hgetall(keys.DEAD_LETTERS)
+            pipe.hgetall(keys.PROVIDER_RESPONSES)
             replies = await pipe.execute()
         depth = int(replies[0])
+        responses: dict[str, dict[str, int]] = {}
+        for name, n in replies[-1].items():
+            parsed = parse_field(_text(name))
+            if parsed is not None:
+                responses.setdefault(parsed[0], {})[parsed[1]] = int(n)
         out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {},
-                               "dead_letters": {_text(k): int(v) for k, v in replies[-1].items()}}
+                               "dead_letters": {_text(k): int(v) for k, v in replies[-2].items()},
+                               "responses": responses}
         i = 1
         for p in providers:
             counts = {s: int(replies[i + n]) for n, s in enumerate(STATES)}
