@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
+
+from celery import Celery, signals
 
 from tasks import intake
 from worker import logsafe
@@ -58,10 +61,20 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
     return app
 
 
+def _json_logs(logger: logging.Logger, **_: Any) -> None:
+    from worker.logjson import use_json
+
+    use_json(logger)
+
+
 def _default_app() -> Celery:
     # Before Celery or kombu log anything: no line carries a full email or a secret.
     logsafe.install()
     settings = Settings()
+    if settings.log_format == "json":
+        # Celery sets up the worker's log handlers after this import: format them as JSON then.
+        signals.after_setup_logger.connect(_json_logs, weak=False)
+        signals.after_setup_task_logger.connect(_json_logs, weak=False)
     # `clientsync worker` refuses to start without CLIENTSYNC_REDIS_URL; this fallback only
     # serves tooling that imports the app (e.g. `celery -A tasks.app inspect`).
     return make_celery(settings, settings.redis_url or "redis://127.0.0.1:6379/0")

@@ -29,6 +29,7 @@ from worker.parking import Parking
 from worker.providers import adapter_class, load_configs
 from worker.providers.qonto_auth import RedisTokenStore
 from worker.ratelimit import RateLimiter, limit_for
+from worker.responses import ResponseCounter
 from worker.settings import Settings
 from worker.store import SyncStore
 
@@ -63,13 +64,19 @@ class Runtime:
             s.redis_url, max_connections=max(32, s.worker_concurrency * 6), timeout=30
         )
         self.redis = aioredis.Redis(connection_pool=pool)
+        configs = load_configs()
+        # Every provider answer counted by status, off the request's path (worker.responses).
+        self.responses = ResponseCounter({name: str(c.url or adapter_class(name).default_url)
+                                          for name, c in configs.items() if c.is_configured()})
+        self._flush_task = asyncio.get_running_loop().create_task(self.responses.run_flusher(self.redis))
         # One session for every adapter: the connector pools connections per host.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, limit_per_host=max(20, s.worker_concurrency * 2)),
             headers={"User-Agent": "clientsync/0.1"},
+            trace_configs=[self.responses.trace_config()],
         )
         adapters, policies, disabled, limits = {}, {}, {}, {}
-        for name, config in load_configs().items():
+        for name, config in configs.items():
             if not config.is_configured():
                 disabled[name] = config.missing()
                 continue
@@ -140,7 +147,12 @@ class Runtime:
         self._trim_task.cancel()
         self._mover_task.cancel()
         self._sweep_task.cancel()
+        self._flush_task.cancel()
         await self.session.close()
+        try:
+            await self.responses.flush(self.redis)
+        except Exception:  # Redis away at stop: these last counts are lost, nothing else is
+            log.warning("could not flush provider response counts at stop", exc_info=True)
         await self.redis.aclose()
 
     def close(self) -> None:

@@ -22,6 +22,23 @@ from worker.settings import Settings, SettingsError, read_secret_files
 log = logging.getLogger("clientsync")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, where it has one (not for None or a plain flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers (and theirs) format help with `HelpFormatter` unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 class CliError(Exception):
     """A usage or input error: printed without a traceback, exit status 2."""
 
@@ -50,11 +67,15 @@ def _require_redis(settings: Settings) -> str:
     return settings.redis_url
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, fmt: str = "text") -> None:
     from worker import logsafe
 
     logsafe.install()  # emails and secrets masked in every log line
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if fmt == "json":
+        from worker.logjson import use_json
+
+        use_json()
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -81,6 +102,8 @@ def read_change(source: str) -> ClientChange:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    if args.webhook:
+        return send_webhook(args.file, args.webhook)
     import redis.asyncio as aioredis
 
     from worker.producer import Producer
@@ -102,13 +125,55 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def send_webhook(source: str, url: str) -> int:
+    """Post the change as a webhook signed with CLIENTSYNC_WEBHOOK_SECRET (Standard Webhooks) and
+    print the receiver's answer; exit status 0 for a 2xx, 1 otherwise."""
+    import uuid
+    from urllib.parse import urlsplit
+
+    import aiohttp
+
+    from worker.web.signatures import decode_secret, sign
+
+    secrets = _settings().webhook_secrets()
+    if not secrets:
+        raise CliError("CLIENTSYNC_WEBHOOK_SECRET is not set: nothing to sign the webhook with")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"--webhook: must be an http(s) URL (e.g. http://127.0.0.1:8080), not {url!r}")
+    if parts.path in ("", "/"):
+        url = url.rstrip("/") + "/webhooks/clients"
+    change = read_change(source)  # errors name the field before anything is sent
+    body = change.model_dump_json(exclude_none=True).encode()
+    try:
+        key = decode_secret(secrets[0])
+    except ValueError as exc:
+        raise CliError(f"CLIENTSYNC_WEBHOOK_SECRET: {exc}") from exc
+    msg_id, timestamp = f"msg_{uuid.uuid4().hex}", int(time.time())
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": sign(key, msg_id, timestamp, body), "content-type": "application/json"}
+
+    async def go() -> tuple[int, str]:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.post(url, data=body, headers=headers) as response:
+            return response.status, await response.text()
+
+    try:
+        status, text = asyncio.run(go())
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CliError(f"cannot post to {url}: {exc or type(exc).__name__}") from exc
+    print(f"{change.event_id}: HTTP {status} {text.strip()}")
+    return 0 if 200 <= status < 300 else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from worker.web.app import create_app
 
     settings = _startup_settings()
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     url = _require_redis(settings)
     web.run_app(create_app(settings, url), host=args.host or settings.host, port=args.port or settings.port,
                 access_log=None, print=lambda *_: None)
@@ -270,38 +335,43 @@ def _version() -> str:
 
 # --- wiring -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clientsync", description=__doc__)
+    parser = _Parser(prog="clientsync", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("schema", help="print the ClientChange JSON Schema").set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("send", help="enqueue a ClientChange from a file (or - for stdin)")
-    p.add_argument("file")
+    p = sub.add_parser("send", help="enqueue a ClientChange from a file (or - for stdin), or post it as a "
+                                    "signed webhook with --webhook")
+    p.add_argument("file", help="a ClientChange JSON file, or - for stdin")
+    p.add_argument("--webhook", metavar="URL",
+                   help="post it to this receiver (e.g. http://127.0.0.1:8080) signed with CLIENTSYNC_WEBHOOK_SECRET "
+                        "instead of enqueueing it directly")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("serve", help="run the receiver (webhooks, monitor API, dashboard)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="bind address (default: CLIENTSYNC_HOST)")
+    p.add_argument("--port", type=int, help="port (default: CLIENTSYNC_PORT)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker that applies changes")
-    p.add_argument("--concurrency", type=int)
-    p.add_argument("--pool", choices=["threads", "prefork", "solo"])
-    p.add_argument("--hostname")
+    p.add_argument("--concurrency", type=int, help="tasks at once (default: CLIENTSYNC_WORKER_CONCURRENCY)")
+    p.add_argument("--pool", choices=["threads", "prefork", "solo"],
+                   help="Celery pool (default: CLIENTSYNC_WORKER_POOL)")
+    p.add_argument("--hostname", help="the Celery node name (default: Celery's)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("sandbox", help="serve the simulated providers on loopback")
     p.add_argument("--host", default="127.0.0.1", help="bind address (a container needs 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--port", type=int, default=8090, help="port of the sandbox root (one path per provider)")
     p.add_argument("--providers", help="comma-separated subset (default: all)")
     p.set_defaults(func=cmd_sandbox)
 
     p = sub.add_parser("run", help="run everything locally: Redis, sandbox, receiver, worker")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="the receiver's port")
     p.add_argument("--sandbox", choices=["auto", "always", "never"], default="auto",
                    help="auto: use the sandbox when no provider is configured")
-    p.add_argument("--sandbox-port", type=int, default=8090)
+    p.add_argument("--sandbox-port", type=int, default=8090, help="the sandbox's port")
     p.add_argument("--data-dir", default="var/redis", help="embedded Redis data (AOF)")
     p.set_defaults(func=cmd_run)
 
@@ -310,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("demo", help="start everything, send a few changes, show what happened, exit")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the changes to finish")
     p.set_defaults(func=cmd_demo)
 
     for register in _extensions():

@@ -57,6 +57,12 @@ from worker.sync import apply_change
 
 log = logging.getLogger("clientsync.jobs")
 
+
+def _outcome(level: int, what: str, fields: dict[str, Any]) -> None:
+    """One log line per outcome: `what {fields}` as text; the fields also travel structured
+    (`extra`), so `CLIENTSYNC_LOG_FORMAT=json` (worker.logjson) writes them as JSON keys."""
+    log.log(level, "%s %s", what, fields, extra={"fields": {"outcome": what, **fields}})
+
 #: provider calls made by the running job (counted by `before_call`): the circuit must know
 #: whether a job reached its provider at all
 _calls: ContextVar[list[int] | None] = ContextVar("clientsync_calls", default=None)
@@ -244,7 +250,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             job_id, Attempt(attempt, started, "needs_attention", exc.kind, None, mask_emails(str(exc))),
             candidates=exc.candidates,
         )
-        log.warning("needs attention %s", {**bound, "candidates": len(exc.candidates)})
+        _outcome(logging.WARNING, "needs attention", {**bound, "candidates": len(exc.candidates)})
         return Decision(state="needs_attention")
     except Busy as exc:
         # Another run holds this job or this client: not a failure, so no attempt is spent
@@ -268,7 +274,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     except Exception as exc:
         # A bug or Redis trouble must not lose the job: retry it, and it ends dead with the
         # message rather than vanishing with an acked Celery message.
-        log.error("internal error %s: %s", bound, mask_emails(repr(exc)))
+        _outcome(logging.ERROR, "internal error", {**bound, "error": mask_emails(repr(exc))})
         log.debug("internal error traceback", exc_info=True)
         await _record(ctx, provider, token, "neutral")
         internal = InternalError(f"internal error: {exc!r}", provider=provider)
@@ -285,8 +291,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         await ctx.ledger.succeeded(job_id, done, result=outcome.result, provider_id=outcome.provider_id,
                                    unsupported=outcome.unsupported)
     await _record(ctx, provider, token, "success" if calls[0] else "neutral")
-    log.info("applied %s", {**bound, "result": outcome.result, "reason": outcome.reason,
-                            "replayed": outcome.replayed, "ms": round(took, 1)})
+    _outcome(logging.INFO, "applied", {**bound, "result": outcome.result, "reason": outcome.reason,
+                                       "replayed": outcome.replayed, "ms": round(took, 1)})
     return Decision(state="skipped" if outcome.result == "skipped" else "succeeded")
 
 
@@ -330,7 +336,7 @@ async def _already_finished(job_id: str, change: ClientChange, previous: str, at
     if recorded is not None and recorded.change not in (None, change.model_dump(mode="json")):
         return await _conflict(job_id, change, attempt, ctx, bound)
     # A worker died after the work but before its ack: the effect is already there.
-    log.info("duplicate delivery of a %s job %s", previous, bound)
+    _outcome(logging.INFO, "duplicate delivery", {**bound, "previous": previous})
     return Decision(state=previous)
 
 
@@ -344,7 +350,7 @@ async def _conflict(job_id: str, change: ClientChange, attempt: int, ctx: JobCon
         f"conflict:{job_id}:{change.fingerprint()[:12]}", raw=change.model_dump_json(),
         attempt=Attempt(attempt, time.time(), "dead", IdempotencyConflict.kind, None, message),
     )
-    log.error("idempotency conflict %s", bound)
+    _outcome(logging.ERROR, "idempotency conflict", bound)
     return Decision(state="dead")
 
 
@@ -373,11 +379,11 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
             delay = circuit.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
         await ctx.ledger.retrying(job_id, Attempt(attempt, started, "retrying", exc.kind, status, message, fields,
                                                   next_attempt_at=time.time() + delay, duration_ms=took))
-        log.warning("retrying %s", {**bound, "error": exc.kind, "status": status, "in_s": round(delay, 2)})
+        _outcome(logging.WARNING, "retrying", {**bound, "error": exc.kind, "status": status, "in_s": round(delay, 2)})
         return await _park(job_id, change, provider, attempt + 1, delay, ctx)
     await ctx.ledger.dead(job_id, Attempt(attempt, started, "dead", exc.kind, status, message, fields,
                                           duration_ms=took))
-    log.error("dead %s", {**bound, "error": exc.kind, "status": status, "message": mask_emails(message)})
+    _outcome(logging.ERROR, "dead", {**bound, "error": exc.kind, "status": status, "message": mask_emails(message)})
     return Decision(state="dead")
 
 
@@ -385,7 +391,7 @@ async def _wait(job_id: str, change: ClientChange, provider: str, attempt: int, 
                 bound: dict[str, Any], *, delay: float, reason: str, message: str) -> Decision:
     """Park the job without spending an attempt (no call reached the provider)."""
     await ctx.ledger.waiting(job_id, next_attempt_at=time.time() + delay, reason=reason, message=message)
-    log.info("waiting %s", {**bound, "reason": reason, "in_s": round(delay, 2)})
+    _outcome(logging.INFO, "waiting", {**bound, "reason": reason, "in_s": round(delay, 2)})
     return await _park(job_id, change, provider, attempt, delay, ctx)
 
 

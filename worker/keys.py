@@ -146,6 +146,9 @@ KOMBU_UNACKED = "unacked"
 #: hash reason -> count of dead letters (messages that never became a valid job): /metrics
 DEAD_LETTERS = f"{PREFIX}stats:dead_letters"
 
+#: hash "<provider>|<status>" -> provider responses seen by every worker (worker.responses): /metrics
+PROVIDER_RESPONSES = f"{PREFIX}stats:responses"
+
 #: the HMAC key that marks `clientsync.apply_change` messages as made by clientsync
 #: (created once, at random, by the first process that needs it; see worker.parking)
 TASK_KEY = f"{PREFIX}task-key"

@@ -123,6 +123,13 @@ class SnapshotCollector:
         for reason, n in sorted(snap.get("dead_letters", {}).items()):
             letters.add_metric([reason], n)
         yield letters
+        answers = CounterMetricFamily("clientsync_provider_responses",
+                                      "Provider responses by HTTP status (error: no answer), from every worker.",
+                                      labels=["provider", "status"])
+        for p, statuses in sorted(snap.get("responses", {}).items()):
+            for status, n in sorted(statuses.items()):
+                answers.add_metric([p, status], n)
+        yield answers
         tokens = GaugeMetricFamily("clientsync_rate_limit_tokens",
                                    "Rate-limit tokens available now per provider (negative: calls booked ahead).",
                                    labels=["provider"])

@@ -38,9 +38,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker import circuit, keys
-from worker.ledger import COUNTERS, LATENCY_BUCKETS, STATES, Ledger, bucket_label
+from worker.ledger import COUNTERS, INTAKE, LATENCY_BUCKETS, STATES, Ledger, bucket_label
 from worker.models import PROVIDER_NAMES, mask_email
 from worker.parking import apply_message, task_key
+from worker.responses import parse_field
 
 #: must equal `tasks.sync.APPLY_TASK` (worker never imports tasks; a test checks they agree)
 APPLY_TASK = "clientsync.apply_change"
@@ -57,6 +58,11 @@ _ROW_FIELDS = ("state", "provider", "event_id", "client_id", "action", "attempts
                "updated_at", "received_at", "next_attempt_at", "last_error", "last_error_class", "result",
                "reason", "provider_id", "finished_at")
 _PROVIDER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: a source client id as `worker.models` accepts it (printable, no spaces, no slashes)
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,199}$")
+#: fields of `keys.client_state` the client page shows
+_CLIENT_FIELDS = ("link", "mark_v", "mark_t", "deleted", "intent", "del_intent", "unsettled", "resolution")
+_GROUP_BATCH = 1000
 _EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 # Reads a key whose shape another module owns (circuit breaker, rate bucket) without
@@ -82,6 +88,12 @@ class JobNotFound(LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r} in the ledger (unknown, or dropped by retention)")
         self.job_id = job_id
+
+
+class ClientNotFound(LookupError):
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"no client {client_id!r}: no record at any provider and no job in the ledger")
+        self.client_id = client_id
 
 
 class NotAllowed(Exception):
@@ -336,6 +348,53 @@ def rate_view(kind: str, data: Mapping[str, str], *, now: float | None = None) -
     return out
 
 
+def _intent_view(value: str | None) -> dict[str, Any] | None:
+    """`"<event id>@<unix s>"` (see `keys.client_state`) as {event_id, at}; anything else kept raw."""
+    if not value:
+        return None
+    event_id, sep, at = value.rpartition("@")
+    seconds = _num(at) if sep else None
+    if seconds is None:
+        return {"event_id": value, "at": None}
+    return {"event_id": event_id, "at": iso(seconds)}
+
+
+def _unsettled_view(value: str | None, now: float) -> dict[str, Any] | None:
+    """`"<idempotency key>|<settle at, ms>"`: the write that ended unclearly, and when it settles."""
+    if not value:
+        return None
+    key, _, at = value.rpartition("|")
+    settle_ms = _num(at)
+    if settle_ms is None:
+        return {"key": value, "settle_at": None, "settled": False}
+    return {"key": key, "settle_at": iso(settle_ms, ms=True), "settled": settle_ms / 1000 <= now}
+
+
+def client_state_view(data: Mapping[str, str], *, now: float | None = None) -> dict[str, Any]:
+    """One client's record at one provider (`keys.client_state`), readable; emails masked."""
+    now = time.time() if now is None else now
+    version = _num(data.get("mark_v"))
+    micros = _num(data.get("mark_t"))
+    resolution = data.get("resolution")
+    try:
+        resolved = json.loads(resolution) if resolution else None
+    except ValueError:
+        resolved = {"raw": resolution}
+    view: dict[str, Any] = redact({
+        "known": bool(data),
+        "link": data.get("link") or None,
+        "deleted": data.get("deleted") == "1",
+        # a negative mark is an unversioned change: order by time only
+        "version": int(version) if version is not None and version >= 0 else None,
+        "changed_at": iso(micros / 1_000_000) if micros is not None else None,
+        "intent": _intent_view(data.get("intent")),
+        "del_intent": _intent_view(data.get("del_intent")),
+        "unsettled": _unsettled_view(data.get("unsettled"), now),
+        "resolution": resolved,
+    })
+    return view
+
+
 class Monitor:
     """Queries and operator actions over the ledger; see the module docstring."""
 
@@ -428,6 +487,68 @@ class Monitor:
         found, pos = await self._scan(f, limit=limit, after=after, scan_limit=scan_limit)
         return Page([_row(i, r) for i, r in found], encode_cursor(*pos) if pos else None)
 
+    async def dead_groups(self, *, provider: str | None = None, client_id: str | None = None) -> dict[str, Any]:
+        """Dead jobs (of one provider and/or client if given) grouped by (error class, provider)
+        with exact counts, largest group first.
+
+        ZSCAN over the narrowest index (every job there for the whole scan is seen; duplicates are
+        dropped) with one pipelined HMGET per batch; a job that left `dead` meanwhile is not counted."""
+        if client_id:
+            source = keys.jobs_of_client(client_id)
+        elif provider:
+            source = keys.jobs_of_provider_in_state(provider, "dead")
+        else:
+            source = keys.jobs_in_state("dead")
+        seen: set[str] = set()
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        cursor: int = 0
+        while True:
+            cursor, batch = await self.redis.zscan(source, cursor, count=_GROUP_BATCH)
+            ids = [i for i in dict.fromkeys(_text(m) for m, _ in batch) if i not in seen]
+            seen.update(ids)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hmget(keys.job(job_id), ["state", "provider", "last_error_class", "last_error", "updated_at"])
+                replies = await pipe.execute() if ids else []
+            for reply in replies:
+                state, prov, error_class, error, updated = (_text(v) if v is not None else None for v in reply)
+                if state != "dead" or (provider and prov != provider):
+                    continue
+                key = (error_class or "unknown", prov or "-")
+                group = groups.setdefault(key, {"error_class": key[0], "provider": key[1], "count": 0,
+                                                "latest_ms": 0, "example_error": None})
+                group["count"] += 1
+                if int(updated or 0) >= group["latest_ms"]:
+                    group["latest_ms"] = int(updated or 0)
+                    group["example_error"] = redact(error[:300]) if error else None
+            if int(cursor) == 0:
+                break
+        out = sorted(groups.values(), key=lambda g: (-g["count"], g["error_class"], g["provider"]))
+        for group in out:
+            group["latest_at"] = iso(group.pop("latest_ms"), ms=True)
+        return {"total": sum(g["count"] for g in out), "groups": out}
+
+    async def client(self, client_id: str, *, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:
+        """One source client: its record at each provider (one pipeline) and its jobs across
+        providers, newest first (emails masked)."""
+        if not _CLIENT_ID_RE.match(client_id):
+            raise InvalidParam("client_id", "must be a client id (letters, digits, . _ : @ + -; at most 200)")
+        known = [p for p in await self.providers() if p not in PROVIDER_NAMES and p not in ("-", INTAKE)]
+        names = [*PROVIDER_NAMES, *known]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in names:
+                pipe.hmget(keys.client_state(p, client_id), list(_CLIENT_FIELDS))
+            replies = await pipe.execute()
+        now = time.time()
+        providers = {}
+        for p, reply in zip(names, replies, strict=True):
+            data = {f: _text(v) for f, v in zip(_CLIENT_FIELDS, reply, strict=True) if v is not None}
+            providers[p] = client_state_view(data, now=now)
+        page = await self.list_jobs(JobFilter(client_id=client_id), limit=limit, cursor=cursor)
+        if not page.jobs and cursor is None and not any(v["known"] for v in providers.values()):
+            raise ClientNotFound(client_id)
+        return {"client_id": client_id, "providers": providers, "jobs": page.jobs, "next_cursor": page.next_cursor}
+
     async def job(self, job_id: str) -> dict[str, Any]:
         """One job with its history and its change (emails masked)."""
         job = await self.ledger.get(job_id)
@@ -439,6 +560,7 @@ class Monitor:
         raw = job.fields.get("raw")
         out["raw"] = redact(raw[:4096]) if raw else None
         out["note"] = job.fields.get("note") or None
+        out["stage"] = job.fields.get("stage") or None
         out["replayed_at"] = iso(job.fields.get("replayed_at"))
         out["discarded_at"] = iso(job.fields.get("discarded_at"))
         out["replayable"] = job.state in REPLAYABLE and change is not None
@@ -584,10 +706,17 @@ class Monitor:
                 await self._peek(keys=[keys.circuit(p)], client=pipe)
                 await self._peek(keys=[keys.rate_bucket(p)], client=pipe)
             pipe.hgetall(keys.DEAD_LETTERS)
+            pipe.hgetall(keys.PROVIDER_RESPONSES)
             replies = await pipe.execute()
         depth = int(replies[0])
+        responses: dict[str, dict[str, int]] = {}
+        for name, n in replies[-1].items():
+            parsed = parse_field(_text(name))
+            if parsed is not None:
+                responses.setdefault(parsed[0], {})[parsed[1]] = int(n)
         out: dict[str, Any] = {"queue": self.queue, "queue_depth": depth, "providers": {},
-                               "dead_letters": {_text(k): int(v) for k, v in replies[-1].items()}}
+                               "dead_letters": {_text(k): int(v) for k, v in replies[-2].items()},
+                               "responses": responses}
         i = 1
         for p in providers:
             counts = {s: int(replies[i + n]) for n, s in enumerate(STATES)}
@@ -630,7 +759,8 @@ class Monitor:
             }
         totals = {s: sum(p["counts"][s] for p in providers.values()) for s in STATES}
         return {"generated_at": iso(time.time()), "queue": snap["queue"], "queue_depth": snap["queue_depth"],
-                "workers": await self.workers(), "totals": totals, "providers": providers}
+                "workers": await self.workers(), "provider_names": list(PROVIDER_NAMES), "totals": totals,
+                "providers": providers}
 
     async def workers(self, limit: int = 100) -> list[str]:
         """Names of worker processes whose heartbeat is live."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +18,7 @@ import redis.asyncio as aioredis
 
 from worker import circuit
 from worker.cli import CliError, _require_redis, _settings
+from worker.ledger import STATES
 from worker.models import PROVIDER_NAMES
 from worker.monitor import (
     MAX_BULK,
@@ -29,22 +32,32 @@ from worker.monitor import (
 )
 
 T = TypeVar("T")
-STATE_ORDER = ("queued", "running", "retrying", "dead", "succeeded", "skipped", "discarded")
+_GAP = 2
+_MIN_COLUMN = 6
+STATE_ORDER = ("queued", "running", "retrying", "needs_attention", "dead", "succeeded", "skipped", "discarded")
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, max_width: int = 60) -> str:
-    """A plain text table, columns aligned, long cells cut with an ellipsis."""
-
-    def cell(value: Any) -> str:
-        text = "" if value is None else str(value).replace("\n", " ")
-        return text if len(text) <= max_width else text[: max_width - 1] + "…"
-
-    cells = [[cell(v) for v in row] for row in rows]
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int | None = None) -> str:
+    """A plain text table, columns aligned, that fits `width` (the terminal's by default): when
+    the natural widths do not fit, the widest columns are narrowed and their cells wrapped onto
+    more lines, never cut."""
+    total = width or shutil.get_terminal_size((120, 24)).columns
+    cells = [["" if v is None else " ".join(str(v).split()) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    floor = [max(len(h), _MIN_COLUMN) for h in headers]
+    budget = max(total - _GAP * (len(headers) - 1), sum(floor))
+    while sum(widths) > budget:
+        i = max(range(len(widths)), key=lambda n: widths[n] - floor[n])
+        if widths[i] <= floor[i]:
+            break
+        widths[i] -= 1
+    lines = [(" " * _GAP).join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+             (" " * _GAP).join("-" * w for w in widths)]
     for row in cells:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        wrapped = [textwrap.wrap(v, w, break_on_hyphens=False) or [""] for v, w in zip(row, widths, strict=True)]
+        for n in range(max(len(c) for c in wrapped)):
+            parts = [(c[n] if n < len(c) else "").ljust(w) for c, w in zip(wrapped, widths, strict=True)]
+            lines.append((" " * _GAP).join(parts).rstrip())
     return "\n".join(lines)
 
 
@@ -121,12 +134,12 @@ def cmd_job(args: argparse.Namespace) -> int:
         print("\ncandidates (resolve with `clientsync resolve ID --adopt PROVIDER_ID` or `--create`):")
         print(table(["provider id", "name", "email", "created"],
                     [(c.get("provider_id"), c.get("name"), c.get("email"), c.get("created_at"))
-                     for c in job["candidates"]], max_width=80))
+                     for c in job["candidates"]]))
     print("\nhistory:")
     rows = [(a.get("number") or "", short_time(a.get("at")), a.get("outcome"), a.get("error_class"),
              a.get("status"), a.get("message") or a.get("note"), short_time(a.get("next_attempt_at")))
             for a in job["history"]]
-    print(table(["#", "at (utc)", "outcome", "error", "http", "message", "next attempt"], rows, max_width=80))
+    print(table(["#", "at (utc)", "outcome", "error", "http", "message", "next attempt"], rows))
     return 0
 
 
@@ -229,7 +242,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # --- wiring -----------------------------------------------------------------------------------------
 def _filters(p: argparse.ArgumentParser, *, state: bool) -> None:
     if state:
-        p.add_argument("--state", help="queued, running, retrying, succeeded, skipped, dead or discarded")
+        p.add_argument("--state", choices=list(STATES), help="the job's state")
     # "-" is the provider of dead letters (messages that were not a valid change)
     p.add_argument("--provider", choices=[*PROVIDER_NAMES, "-"], metavar="PROVIDER",
                    help=f"one of: {', '.join(PROVIDER_NAMES)} (or - for invalid messages)")
@@ -242,29 +255,29 @@ def register(sub: Any) -> None:
     p = sub.add_parser("jobs", help="list ledger jobs (filters: state, provider, client, event, time)")
     _filters(p, state=True)
     p.add_argument("--client", dest="client_id", help="the client's id in the source system")
-    p.add_argument("--event", dest="event_id")
-    p.add_argument("--error-class", dest="error_class")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--event", dest="event_id", help="the change's event id")
+    p.add_argument("--error-class", dest="error_class", help="the last error's class (e.g. validation, auth)")
+    p.add_argument("--limit", type=int, default=50, help=f"jobs per page (at most {MAX_LIMIT})")
     p.add_argument("--cursor", help="continue after a previous page")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("job", help="one job with its attempt history")
     p.add_argument("id", help="<provider>:<event_id>")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("replay", help="replay one dead job, or every dead job matching filters")
     p.add_argument("id", nargs="?", help="<provider>:<event_id>")
     p.add_argument("--all-dead", action="store_true", help="replay every dead job matching the filters")
     _filters(p, state=False)
-    p.add_argument("--error-class", dest="error_class")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--error-class", dest="error_class", help="the last error's class (e.g. validation, auth)")
+    p.add_argument("--limit", type=int, default=1000, help=f"replay at most this many (at most {MAX_BULK})")
     p.add_argument("--dry-run", action="store_true", help="only count the matching dead jobs")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("discard", help="discard a dead job (kept with its history, out of the dead list)")
-    p.add_argument("id")
+    p.add_argument("id", help="<provider>:<event_id>")
     p.set_defaults(func=cmd_discard)
 
     p = sub.add_parser("resolve", help="answer a needs_attention job: adopt one candidate, or create a new record")
@@ -273,21 +286,19 @@ def register(sub: Any) -> None:
     p.add_argument("--create", action="store_true", help="create a new record at the provider instead")
     p.set_defaults(func=cmd_resolve)
 
-    p = sub.add_parser("provider", help="pause, resume or probe a provider now (recorded in the audit list)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("provider", help="pause, resume or probe a provider now (recorded in the audit list)")
     p.add_argument("action", choices=list(circuit.ACTIONS),
                    help="pause: hold its jobs; resume: close the circuit (also after fixing credentials); "
                         "probe: the next job probes at once")
-    p.add_argument("provider", choices=list(PROVIDER_NAMES))
+    p.add_argument("provider", choices=list(PROVIDER_NAMES), help="the provider")
     p.add_argument("--note", help="why (kept in the audit list)")
     p.set_defaults(func=cmd_provider)
 
-    p = sub.add_parser("audit", help="operator actions and automatic pauses, newest first",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("audit", help="operator actions and automatic pauses, newest first")
+    p.add_argument("--limit", type=int, default=50, help="how many entries")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("summary", help="per-provider health: jobs by state, circuit, rate limit")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_summary)

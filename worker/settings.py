@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line, with event_id, provider, "
+                            "attempt and client as keys on every job outcome."
+    )
 
     # --- monitoring: ledger retention (finished jobs only; see worker.ledger) ---
     ledger_max_jobs: int = Field(100_000, ge=1, description="Finished jobs kept in the ledger (oldest dropped).")

@@ -44,7 +44,13 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     return app
 
 
+async def root(request: web.Request) -> web.Response:
+    """`GET /`: the operator's way in is the dashboard."""
+    raise web.HTTPFound("/dashboard")
+
+
 def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/", root)
     app.router.add_post("/webhooks/clients", handlers.receive_client_webhook)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/schema/client-change.json", handlers.schema)

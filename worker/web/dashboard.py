@@ -44,7 +44,8 @@ SECURITY_HEADERS = {
 _LOGIN = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clientsync monitor — sign in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head>
+<link rel="stylesheet" href="/dashboard/static/dashboard.css">
+<script src="/dashboard/static/login.js" defer></script></head>
 <body class="login"><main>
 <h1>clientsync monitor</h1>
 {message}

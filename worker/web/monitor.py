@@ -29,7 +29,17 @@ from aiohttp import web
 
 from worker import keys, safejson
 from worker.metrics import CONTENT_TYPE, ReceiverMetrics, render, webhook_middleware
-from worker.monitor import MAX_BULK, MAX_LIMIT, InvalidParam, JobFilter, JobNotFound, Monitor, NotAllowed, parse_limit
+from worker.monitor import (
+    MAX_BULK,
+    MAX_LIMIT,
+    ClientNotFound,
+    InvalidParam,
+    JobFilter,
+    JobNotFound,
+    Monitor,
+    NotAllowed,
+    parse_limit,
+)
 from worker.web import keys as appmod
 from worker.web.middlewares import json_error
 
@@ -275,6 +285,32 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 @protected
+async def dead_groups(request: web.Request) -> web.Response:
+    """`GET /monitor/dead-groups`: dead jobs (of a provider, of a client) by error class and provider, exact counts."""
+    try:
+        _check_known(request.query.keys(), {"provider", "client_id"}, "query parameter")
+        f = JobFilter.parse(request.query, allowed=("provider", "client_id"))
+    except InvalidParam as exc:
+        return _bad(exc)
+    return _ok(await _monitor(request).dead_groups(provider=f.provider, client_id=f.client_id))
+
+
+@protected
+async def get_client(request: web.Request) -> web.Response:
+    """`GET /monitor/clients/{client_id}`: the client's record at each provider and its jobs."""
+    client_id = request.match_info["client_id"]
+    q = request.query
+    try:
+        _check_known(q.keys(), {"limit", "cursor"}, "query parameter")
+        limit = parse_limit(q.get("limit"), default=100, maximum=MAX_LIMIT)
+        return _ok(await _monitor(request).client(client_id, limit=limit, cursor=q.get("cursor") or None))
+    except InvalidParam as exc:
+        return _bad(exc)
+    except ClientNotFound as exc:
+        return json_error(404, str(exc), client_id=client_id)
+
+
+@protected
 async def replay_job(request: web.Request) -> web.Response:
     """`POST /monitor/jobs/{id}/replay`: 202, the job is queued again."""
     return await _job_action(request, "replay", status=202)
@@ -421,3 +457,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/monitor/jobs/{id:.+}", get_job)
     r.add_post("/monitor/providers/{provider}/{action}", provider_action)
     r.add_get("/monitor/audit", audit)
+    r.add_get("/monitor/dead-groups", dead_groups)
+    r.add_get("/monitor/clients/{client_id}", get_client)
