@@ -88,13 +88,13 @@ async def test_check_says_ok_for_every_provider_with_the_sandbox_credentials(san
 
 async def test_check_names_the_wrong_credential_and_the_unreachable_provider(
         sandbox: RunningSandbox, no_settings: pytest.MonkeyPatch) -> None:
-    no_settings.setenv("CLIENTSYNC_QONTO_TOKEN", "wrong")
+    no_settings.setenv("CLIENTSYNC_QONTO_SECRET_KEY", "wrong")
     no_settings.setenv("CLIENTSYNC_INVOICE_NINJA_TOKEN", "wrong")
     no_settings.setenv("CLIENTSYNC_GROW_CRM_URL", f"http://127.0.0.1:{_closed_port()}/grow_crm")
     no_settings.delenv("CLIENTSYNC_LSP_EXPERT_API_KEY")
     _, configs = validate_config()
     by_name = {r.provider: r for r in await check_providers(configs)}
-    assert by_name["qonto"].verdict == "wrong credentials" and "CLIENTSYNC_QONTO_TOKEN" in by_name["qonto"].detail
+    assert by_name["qonto"].verdict == "wrong credentials" and "CLIENTSYNC_QONTO_SECRET_KEY" in by_name["qonto"].detail
     assert by_name["invoice_ninja"].verdict == "wrong credentials"
     assert "CLIENTSYNC_INVOICE_NINJA_TOKEN" in by_name["invoice_ninja"].detail
     assert by_name["grow_crm"].verdict == "unreachable"
@@ -109,7 +109,7 @@ async def test_the_check_command_exits_non_zero_when_a_provider_fails(
 
     assert await asyncio.to_thread(main, ["check"]) == 0
     assert capsys.readouterr().out.count(" ok ") == len(sandbox.simulators)
-    no_settings.setenv("CLIENTSYNC_QONTO_TOKEN", "wrong")
+    no_settings.setenv("CLIENTSYNC_QONTO_SECRET_KEY", "wrong")
     assert await asyncio.to_thread(main, ["check", "--provider", "qonto"]) == 1
     out = capsys.readouterr().out
-    assert "qonto" in out and "wrong credentials" in out and "CLIENTSYNC_QONTO_TOKEN" in out
+    assert "qonto" in out and "wrong credentials" in out and "CLIENTSYNC_QONTO_SECRET_KEY" in out

@@ -66,8 +66,8 @@ async def held(redis: aioredis.Redis, job_ids: list[str], reason: str) -> list[d
 async def test_wrong_credentials_hold_every_job_without_spending_attempts_until_they_are_fixed(
         stack: Stack, redis: aioredis.Redis, http: aiohttp.ClientSession) -> None:
     base = f"http://127.0.0.1:{stack.sandbox_port}/{Q}"
-    good = stack.env["CLIENTSYNC_QONTO_TOKEN"]
-    restart_worker(stack, CLIENTSYNC_QONTO_TOKEN="wrong-token")
+    good = stack.env["CLIENTSYNC_QONTO_SECRET_KEY"]
+    restart_worker(stack, CLIENTSYNC_QONTO_SECRET_KEY="wrong-key")
     job_ids = await enqueue_changes(redis, 4, Q)
     first = await wait_until(lambda: held(redis, job_ids, "auth_failed"), "every job held by auth_failed")
     assert (await redis.hget(keys.circuit(Q), "state")) == "auth_failed"
@@ -86,7 +86,7 @@ async def test_wrong_credentials_hold_every_job_without_spending_attempts_until_
         assert record["state"] == "retrying" and int(record.get("attempts", "0")) <= 1, record
 
     # The operator fixes the credentials: the new ones are probed and every job is applied.
-    restart_worker(stack, CLIENTSYNC_QONTO_TOKEN=good)
+    restart_worker(stack, CLIENTSYNC_QONTO_SECRET_KEY=good)
     records = await wait_jobs(stack.redis_url, job_ids, timeout=120)
     assert {r["state"] for r in records.values()} == {"succeeded"}
     assert (await redis.hget(keys.circuit(Q), "state")) == "closed"
