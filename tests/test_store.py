@@ -239,3 +239,14 @@ async def test_unanswered_creates_are_kept_as_a_list_with_what_each_sent(store: 
     assert state is not None
     assert [(i["event_id"], i["at"]) for i in state.intents] == [("c1", 1.0), ("c2", 2.0)]
     assert state.intent_time == 1.0
+
+
+async def test_a_create_the_provider_clearly_refused_leaves_no_intent(store: SyncStore) -> None:
+    await store.begin("r1", P, C, fingerprint="r1", owner="w", now_ms=1000)
+    assert await store.mark_intent("r1", P, C, owner="w", intent=_intent("r1"), now_ms=1000)
+    await store.abort("r1", P, C, owner="w")  # unclear: the intent stays
+    await store.begin("r2", P, C, fingerprint="r2", owner="w", now_ms=2000)
+    assert await store.mark_intent("r2", P, C, owner="w", intent=_intent("r2", at=2.0), now_ms=2000)
+    await store.abort("r2", P, C, owner="w", refused_create="r2")  # a 422: nothing was made
+    state = (await store.begin("r3", P, C, fingerprint="r3", owner="w", now_ms=3000)).state
+    assert state is not None and [i["event_id"] for i in state.intents] == ["r1"]

@@ -27,3 +27,14 @@ def check_lease() -> None:
     guard = current.get()
     if guard is not None and guard.lost:
         raise LeaseLost(f"lost the lease on {guard.what}; stopping before the next provider call")
+
+
+#: successful (2xx) provider writes made by the running job: a create refused by a later call
+#: (a contact, a status) has still made a record, so its intent must stay
+writes: ContextVar[list[int] | None] = ContextVar("clientsync_writes", default=None)
+
+
+def count_write() -> None:
+    box = writes.get()
+    if box is not None:
+        box[0] += 1

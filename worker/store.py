@@ -155,7 +155,7 @@ return 'ok'
 """
 
 # KEYS: idempotency, client lock, client state; ARGV: owner, settle_ms ('' = the outcome was clear),
-# now_ms ('' = Redis time)
+# now_ms ('' = Redis time), event id whose create intent a clear refusal answered ('' = none)
 _ABORT = NOW_LUA + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'status', 'failed')
@@ -164,6 +164,18 @@ end
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   if ARGV[2] ~= '' then
     redis.call('HSET', KEYS[3], 'unsettled', KEYS[1] .. '|' .. (now_ms(ARGV[3]) + tonumber(ARGV[2])))
+  elseif ARGV[4] ~= '' then
+    -- The provider clearly refused this create: its intent is answered (nothing was made).
+    local raw = redis.call('HGET', KEYS[3], 'intent')
+    local ok, list = pcall(cjson.decode, raw or '')
+    if ok and type(list) == 'table' then
+      local kept = {}
+      for _, i in ipairs(list) do
+        if type(i) ~= 'table' or i.event_id ~= ARGV[4] then table.insert(kept, i) end
+      end
+      if #kept == 0 then redis.call('HDEL', KEYS[3], 'intent')
+      else redis.call('HSET', KEYS[3], 'intent', cjson.encode(kept)) end
+    end
   end
   redis.call('DEL', KEYS[2])
 end
@@ -381,14 +393,16 @@ class SyncStore:
         return _text(raw)
 
     async def abort(self, idem_key: str, provider: str, client_id: str, *, owner: str,
-                    unsettle_seconds: float | None = None, now_ms: int | None = None) -> None:
+                    unsettle_seconds: float | None = None, now_ms: int | None = None,
+                    refused_create: str | None = None) -> None:
         """Release the claim and the lock; `unsettle_seconds` set: the write ended unclearly, and
-        no write to this client may start before that many seconds have passed."""
+        no write to this client may start before that many seconds have passed;
+        `refused_create`: the event whose create the provider clearly refused (its intent goes)."""
         await self._abort(
             keys=[keys.idempotency(idem_key), keys.client_lock(provider, client_id),
                   keys.client_state(provider, client_id)],
             args=[owner, "" if unsettle_seconds is None else int(unsettle_seconds * 1000),
-                  "" if now_ms is None else now_ms],
+                  "" if now_ms is None else now_ms, refused_create or ""],
         )
 
     async def resolve(self, provider: str, client_id: str, resolution: dict[str, Any]) -> None:

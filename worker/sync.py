@@ -94,6 +94,8 @@ async def apply_change(
     guard = LeaseGuard(f"client {client_id} at {provider}")
     renewer = asyncio.create_task(_keep_lease(store, idem, provider, client_id, owner, guard))
     lease_token = lease.current.set(guard)
+    written = [0]
+    writes_token = lease.writes.set(written)
     run = _Run(change, adapter, store, begin.state, owner, idem)
     try:
         outcome, bookkeeping = await run.apply()
@@ -102,12 +104,18 @@ async def apply_change(
         # write the client stays unsettled for the provider's settle time. Shielded so a
         # cancelled task still releases.
         unclear = isinstance(exc, ProviderError) and exc.unclear
+        # A create the provider clearly refused before anything was written made nothing: its
+        # intent is answered. One refused at a later call (a contact, a status) made a record.
+        refused = (run.creating and isinstance(exc, ProviderError) and exc.status is not None and not unclear
+                   and written[0] == 0)
         await asyncio.shield(store.abort(idem, provider, client_id, owner=owner,
-                                         unsettle_seconds=settle_seconds(adapter) if unclear else None))
+                                         unsettle_seconds=settle_seconds(adapter) if unclear else None,
+                                         refused_create=change.event_id if refused else None))
         raise
     finally:
         renewer.cancel()
         lease.current.reset(lease_token)
+        lease.writes.reset(writes_token)
     answer = await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(),
                                 settled=run.wrote, **bookkeeping)
     if answer == "lost":
@@ -226,6 +234,8 @@ class _Run:
         self.mark = change.order_mark()
         #: a write got a clear answer: the client is settled
         self.wrote = False
+        #: this run recorded a create intent and sent the create
+        self.creating = False
 
     async def apply(self) -> tuple[Outcome, dict[str, Any]]:
         state = self.state
@@ -237,6 +247,7 @@ class _Run:
         self.adapter.validate(self.client)
         if state.link:
             return await self._update_link(state.link)
+        self._wait_for_pending_creates()
         resolution = state.resolution if (state.resolution or {}).get("event_id") == self.change.event_id else None
         if resolution is not None:
             if resolution.get("action") == "adopt" and resolution.get("provider_id"):
@@ -268,6 +279,18 @@ class _Run:
             if others:
                 raise self._ambiguous(others, "share its non-unique keys and may already be it")
         return await self._create()
+
+    def _wait_for_pending_creates(self) -> None:
+        """A create sent by a run that never recorded its answer (a crash, a lost lease, Redis
+        restarted under it) may still be in flight: nothing is decided about this client until
+        it had its call timeout and settle time to land."""
+        times = [float(i["at"]) for i in self.state.intents if isinstance(i.get("at"), int | float)]
+        if not times:
+            return
+        wait = max(times) + self.adapter.config.timeout + settle_seconds(self.adapter) - time.time()
+        if wait > 0:
+            raise Busy(f"a create of client {self.client.id} at {self.adapter.name} was sent and its answer never "
+                       f"recorded; waiting {wait:.1f}s for it to land", retry_after=wait)
 
     async def _our_lost_creates(self) -> list[RemoteClient]:
         """Records that are this client's own unanswered creates: for each recorded intent, the
@@ -343,6 +366,7 @@ class _Run:
             # Our lease on the client ran out (a slow Redis or a long pause): another worker may
             # hold it now. Creating without a recorded intent could create twice; try again later.
             raise LeaseLost(f"lost the lock on client {self.client.id} at {self.adapter.name} before creating it")
+        self.creating = True
         remote = await self.adapter.create(self.client)
         return self._done("created", remote.id)
 
@@ -350,6 +374,7 @@ class _Run:
         tombstone: dict[str, Any] = {"mark": self.mark, "deleted": True}
         target = self.state.link
         if target is None and self.state.intent:
+            self._wait_for_pending_creates()
             # A create whose answer was lost: only a record that is provably that create is ours
             # to delete: stamped with this client's own id, or carrying exactly the payload it
             # sent, created since, owned by nobody. A record found by an email or a name alone

@@ -29,7 +29,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.lease import check_lease
+from worker.lease import check_lease, count_write
 from worker.models import Client
 
 
@@ -253,6 +253,8 @@ class ProviderAdapter(ABC):
             except ValueError:
                 body = raw.decode("utf-8", "replace")
         if 200 <= status < 300:
+            if method != "GET":
+                count_write()
             return body
         message, field_errors = self.parse_error(status, body)
         error = self.refine_error(classify(
