@@ -273,7 +273,8 @@ class Chaos:
         assert self.redis is not None
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLIENTSYNC_")}
         env.update({
-            "CLIENTSYNC_REDIS_URL": self.redis.url, "CLIENTSYNC_LOG_LEVEL": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
+            "CLIENTSYNC_REDIS_URL": self.redis.url,
+            "CLIENTSYNC_LOG_LEVEL": os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
             "CLIENTSYNC_RETRY_BASE_SECONDS": "0.2", "CLIENTSYNC_RETRY_CAP_SECONDS": "2",
             "CLIENTSYNC_MAX_ATTEMPTS": "30", "CLIENTSYNC_TASK_EVENTS": "false",
             "CLIENTSYNC_CIRCUIT_FAILURE_THRESHOLD": "1000",
