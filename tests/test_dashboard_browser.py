@@ -357,8 +357,8 @@ async def test_a_needs_attention_job_is_resolved_by_adopt_or_create_and_the_clie
                                 "email": "sales@acme.example", "created_at": "2024-04-01T09:00:00Z"}]),
                     (creator, [{"provider_id": "lsp-namesake", "name": f"Client {creator}",
                                 "email": "other@acme.example", "created_at": "2024-04-02T09:00:00Z"}])):
-                job_id = await ledger.enqueued(make_change(uid("evt-"), client_id, email="jane.doe@example.com"),
-                                               PROVIDER)
+                job_id = await ledger.enqueued(make_change(uid("evt-"), client_id, email="jane.doe@example.com",
+                                                           tags=["vip"]), PROVIDER)
                 await ledger.running(job_id)
                 await ledger.needs_attention(job_id, Attempt(1, time.time(), "needs_attention", "ambiguous", None,
                                                              "several records could be this client"),
@@ -384,6 +384,8 @@ async def test_a_needs_attention_job_is_resolved_by_adopt_or_create_and_the_clie
                 resolution = await page.text('#detail-fields dd[data-field="resolution"]')
                 assert by_hand in resolution and "adopt" in resolution
                 assert by_hand in await page.text('#detail-fields dd[data-field="provider id"]')
+                # LSP.expert holds no tags: the job says so instead of dropping them silently
+                assert await page.text('#detail-fields dd[data-field="not taken by provider"]') == "tags"
                 await page.wait_for("!document.querySelector('#candidates')")
                 await page.screenshot(ARTIFACTS / "dashboard-resolved-adopt.png")
 

@@ -548,6 +548,9 @@ function renderJob(box, job) {
     ["result", job.result || (job.provider === "intake" ? null : job.reason)], ["provider id", job.provider_id],
     ["last error", ["dead", "retrying", "discarded", "needs_attention"].includes(job.state) ? errorText(job) : null],
     ["resolution", resolutionText(job.resolution)], ["note", job.note],
+    ["not taken by provider", job.unsupported_fields && job.unsupported_fields.length
+      ? el("span", { class: "unsupported", title: "canonical fields set on the client that this provider cannot hold" },
+        job.unsupported_fields.join(", ")) : null],
   ];
   for (const [name, value] of shown) {
     if (value === null || value === undefined || value === "") continue;
