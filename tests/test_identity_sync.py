@@ -105,7 +105,7 @@ async def world(request: pytest.FixtureRequest, store: SyncStore, monkeypatch: p
     for key, value in sandbox.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv(f"CLIENTSYNC_{name.upper()}_TIMEOUT", "0.5")
-    monkeypatch.setenv(f"CLIENTSYNC_{name.upper()}_SETTLE_SECONDS", "3")
+    monkeypatch.setenv(f"CLIENTSYNC_{name.upper()}_SETTLE_SECONDS", "2")  # late writes land 0.5 s after the timeout
     async with aiohttp.ClientSession() as session:
         yield World(name, sandbox, session, store)
     await sandbox.stop()
