@@ -324,3 +324,22 @@ async def test_identity_search_never_answers_for_a_deleted_or_unknown_client(env
         return  # Request Finance: no delete; the search of a live record is checked above
     assert await exact_matches(env.adapter, gone) == []
     assert await exact_matches(env.adapter, sample()) == []
+
+
+async def test_every_sandbox_switches_its_readings_through_one_control_route(env: Env) -> None:
+    """GET/POST `/_sandbox/settings` (the base's): bad bodies are 400, never 500; reset restores."""
+    sim = env.sandbox.simulators[env.name]
+    assert sim.readings_class is not None, "each sandbox declares the readings its provider's docs leave open"
+    async with env.session.get(f"{env.control}/settings") as resp:
+        defaults = await resp.json()
+    for bad in (b"not json", b"[]", b"{}", b'{"no_such_reading": 1}'):
+        async with env.session.post(f"{env.control}/settings", data=bad,
+                                    headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400, bad
+    name = next(iter(defaults))
+    async with env.session.post(f"{env.control}/settings", json={name: "changed"}) as resp:
+        assert resp.status == 200 and (await resp.json())[name] == "changed"
+    async with env.session.post(f"{env.control}/reset") as resp:
+        assert resp.status == 200
+    async with env.session.get(f"{env.control}/settings") as resp:
+        assert await resp.json() == defaults

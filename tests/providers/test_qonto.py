@@ -179,7 +179,7 @@ async def test_oauth_refreshes_shortly_before_expiry_with_the_rotated_refresh_to
     sim = sandbox.simulators["qonto"]
     assert isinstance(sim, QontoSandbox)
     # tokens live 303 s; the adapter refreshes 300 s early: after ~3 s the token is "about to expire"
-    sim.settings.access_token_ttl, sim.settings.refresh_grace = 303, 0
+    sim.readings.access_token_ttl, sim.readings.refresh_grace = 303, 0
     adapter = oauth_adapter(sandbox, session, monkeypatch, refresh_leeway=300)
     await adapter.create(company())
     first = sim.last_access_token
@@ -270,7 +270,7 @@ async def test_two_workers_sharing_redis_refresh_once_and_use_the_same_token(
     sandbox = await start(["qonto"], faults={"qonto": Faults(latency_ms=100)})  # a slow token call
     sim = sandbox.simulators["qonto"]
     assert isinstance(sim, QontoSandbox)
-    sim.settings.refresh_grace = 0  # a second refresh with the same refresh token would be refused
+    sim.readings.refresh_grace = 0  # a second refresh with the same refresh token would be refused
     async with aiohttp.ClientSession() as one, aiohttp.ClientSession() as two:
         workers = [oauth_adapter(sandbox, s, monkeypatch) for s in (one, two)]
         for worker, redis in zip(workers, shared_redis, strict=True):
@@ -376,7 +376,7 @@ async def test_a_kind_change_by_update_is_a_permanent_error_naming_kind(
     qonto: Setup, reading: str, before: Client, after: Client
 ) -> None:
     adapter, sim = qonto
-    sim.settings.unknown_fields = reading  # type: ignore[assignment]
+    sim.readings.unknown_fields = reading  # type: ignore[assignment]
     remote = await adapter.create(before)
     with pytest.raises(PermanentError) as info:
         await adapter.update(remote.id, after)
@@ -388,7 +388,7 @@ async def test_a_kind_change_by_update_is_a_permanent_error_naming_kind(
 @pytest.mark.parametrize("reading", ["reject", "ignore"])
 async def test_unknown_fields_on_update_under_both_readings_never_apply(qonto: Setup, reading: str) -> None:
     adapter, sim = qonto
-    sim.settings.unknown_fields = reading  # type: ignore[assignment]
+    sim.readings.unknown_fields = reading  # type: ignore[assignment]
     remote = await adapter.create(company())
     body = {"kind": "individual", "website": "https://acme.example", "name": "Acme Group"}
     if reading == "reject":
@@ -603,7 +603,7 @@ async def test_search_rechecks_each_filter_exactly_under_both_name_filter_readin
     qonto: Setup, reading: str
 ) -> None:
     adapter, sim = qonto
-    sim.settings.name_filter = reading  # type: ignore[assignment]
+    sim.readings.name_filter = reading  # type: ignore[assignment]
     acme = await adapter.create(company())
     await adapter.create(company(id="b", name="Acme SAS Holding", email="other@example.com",
                                  vat_number="FR40303265045", tax_id="1"))  # fmt: skip

@@ -9,6 +9,8 @@ Control endpoints (no provider auth; loopback only), under the same prefix:
 - `GET  /_sandbox/calls`    the request log (`{"calls": [{"method", "path", "status", "at"}]}`)
 - `GET  /_sandbox/faults`, `POST /_sandbox/faults` (JSON body = `Faults` fields to change)
 - `POST /_sandbox/reset`    forget clients, calls and faults
+- `GET  /_sandbox/settings`, `POST /_sandbox/settings` (JSON body = fields of the sandbox's
+  `readings_class` to change): one switch for each reading of what the provider's docs leave open
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ class SandboxProvider(ABC):
     """Base of the simulators: subclasses declare routes over `self.clients`."""
 
     name: ClassVar[str]
+    #: a dataclass with one field per open question in the provider's docs, each a switch
+    #: between its readings (None: the docs leave nothing open that the sandbox simulates)
+    readings_class: ClassVar[type[Any] | None] = None
 
-    def __init__(self, *, credentials: dict[str, str] | None = None, faults: Faults | None = None) -> None:
+    def __init__(self, *, credentials: dict[str, str] | None = None, faults: Faults | None = None,
+                 readings: Any = None) -> None:
         self.credentials = dict(credentials or self.default_credentials())
         self.faults = faults or Faults()
+        self.readings: Any = readings if readings is not None else self._fresh_readings()
         self.clients: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._random = random.Random(self.faults.seed)
@@ -117,6 +124,9 @@ class SandboxProvider(ABC):
         app.router.add_get("/_sandbox/faults", self._control_get_faults)
         app.router.add_post("/_sandbox/faults", self._control_set_faults)
         app.router.add_post("/_sandbox/reset", self._control_reset)
+        if self.readings_class is not None:
+            app.router.add_get("/_sandbox/settings", self._control_get_readings)
+            app.router.add_post("/_sandbox/settings", self._control_set_readings)
         self.add_routes(app)
         return app
 
@@ -217,7 +227,26 @@ class SandboxProvider(ABC):
             self._random = random.Random(self.faults.seed)
         return web.json_response(asdict(self.faults))
 
+    def _fresh_readings(self) -> Any:
+        return self.readings_class() if self.readings_class is not None else None
+
+    async def _control_get_readings(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.readings))
+
+    async def _control_set_readings(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        known = {f.name for f in fields(self.readings)}
+        if not isinstance(body, dict) or not body or set(body) - known:
+            return web.json_response({"message": f"known settings: {', '.join(sorted(known))}"}, status=400)
+        for key, value in body.items():
+            setattr(self.readings, key, value)
+        return web.json_response(asdict(self.readings))
+
     async def _control_reset(self, request: web.Request) -> web.Response:
+        self.readings = self._fresh_readings()
         self.clients.clear()
         self.calls.clear()
         self.faults = Faults()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,10 +78,10 @@ def _label(field: str) -> str:
 
 class GrowCRMSandbox(SandboxProvider):
     name = "grow_crm"
+    readings_class = Readings
 
-    def __init__(self, *, readings: Readings | None = None, **kw: Any) -> None:
+    def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.readings = readings or Readings()
         #: user id -> {id, first_name, last_name, email, phone, position, client_id, deleted, created}
         self.users: dict[int, dict[str, Any]] = {}
         self._next_user = 100
@@ -116,25 +116,10 @@ class GrowCRMSandbox(SandboxProvider):
         r.add_patch(r"/contacts/{id:\d+}", self._contact_update)
         r.add_delete(r"/contacts/{id:\d+}", self._contact_delete)
         r.add_put(r"/contacts/{id:\d+}/account-owner", self._contact_owner)
-        r.add_get("/_sandbox/settings", self._get_readings)
-        r.add_post("/_sandbox/settings", self._set_readings)
-
-    async def _get_readings(self, request: web.Request) -> web.Response:
-        return web.json_response(asdict(self.readings))
-
-    async def _set_readings(self, request: web.Request) -> web.Response:
-        body = await _body(request)
-        known = {f.name for f in fields(Readings)}
-        if not body or set(body) - known:
-            return web.json_response({"message": f"known settings: {', '.join(sorted(known))}"}, status=400)
-        for key, value in body.items():
-            setattr(self.readings, key, value)
-        return web.json_response(asdict(self.readings))
 
     async def _control_reset(self, request: web.Request) -> web.Response:
         self.users.clear()
         self._next_user = 100
-        self.readings = Readings()
         return await super()._control_reset(request)
 
     # --- clients -------------------------------------------------------------------------

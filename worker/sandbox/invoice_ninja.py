@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import pycountry
@@ -88,10 +88,10 @@ class InvoiceNinjaSandbox(SandboxProvider):
     """A company's clients in Invoice Ninja v5."""
 
     name = "invoice_ninja"
+    readings_class = Readings
 
-    def __init__(self, *, readings: Readings | None = None, **kw: Any) -> None:
+    def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.readings = readings or Readings()
         #: (method, path, JSON body) of every write the simulator received, oldest first
         self.bodies: list[tuple[str, str, Any]] = []
         self._serial = 0
@@ -120,26 +120,8 @@ class InvoiceNinjaSandbox(SandboxProvider):
         app.router.add_put(_PATH + "/{id}", self._update)
         app.router.add_delete(_PATH + "/{id}", self._delete)
         app.router.add_get("/api/v1/companies", self._companies)
-        app.router.add_get("/_sandbox/settings", self._get_readings)
-        app.router.add_post("/_sandbox/settings", self._set_readings)
-
-    async def _get_readings(self, request: web.Request) -> web.Response:
-        return web.json_response(asdict(self.readings))
-
-    async def _set_readings(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        known = {f.name for f in fields(Readings)}
-        if not isinstance(body, dict) or set(body) - known:
-            return web.json_response({"message": f"known settings: {', '.join(sorted(known))}"}, status=400)
-        for key, value in body.items():
-            setattr(self.readings, key, value)
-        return web.json_response(asdict(self.readings))
 
     async def _control_reset(self, request: web.Request) -> web.Response:
-        self.readings = Readings()
         self.bodies.clear()
         return await super()._control_reset(request)
 

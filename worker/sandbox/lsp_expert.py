@@ -19,7 +19,7 @@ Rules and where they come from (PROVIDERS.md 003 summarises the pages):
   pageSize, page, totalPages, totalItems, hasNextPage, hasPreviousPage}`.
 
 Where the docs are silent, each reading is a switch in `Readings`, settable at run time with
-`POST /<prefix>/_sandbox/readings` (JSON body = fields to change; `GET` shows them):
+`POST /<prefix>/_sandbox/settings` (JSON body = fields to change; `GET` shows them):
 - `contact_routes`: "inferred" (default) serves `PUT`/`DELETE /v2/clients/:id/contacts/:cid`;
   "documented" serves only the documented `GET`/`POST`, so those answer 404 like any
   unknown route.
@@ -40,7 +40,7 @@ import hmac
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
@@ -116,14 +116,11 @@ def _page(items: list[dict[str, Any]], page: int, size: int = PAGE_SIZE) -> dict
 
 class LSPExpertSandbox(SandboxProvider):
     name = "lsp_expert"
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.readings = Readings()
+    readings_class = Readings
 
     @property
     def honour_page_size(self) -> bool:
-        return self.readings.honour_page_size
+        return bool(self.readings.honour_page_size)
 
     @honour_page_size.setter
     def honour_page_size(self, value: bool) -> None:
@@ -164,8 +161,6 @@ class LSPExpertSandbox(SandboxProvider):
         return _error(status, "Service unavailable (sandbox fault)", "ServiceUnavailable", "unavailable")
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/_sandbox/readings", self._get_readings)
-        app.router.add_post("/_sandbox/readings", self._set_readings)
         app.router.add_get("/v2/clients", self._list)
         app.router.add_post("/v2/clients", self._create)
         app.router.add_get("/v2/clients/{id}", self._get)
@@ -175,26 +170,6 @@ class LSPExpertSandbox(SandboxProvider):
         app.router.add_post("/v2/clients/{id}/contacts", self._create_contact)
         app.router.add_put("/v2/clients/{id}/contacts/{contact_id}", self._update_contact)
         app.router.add_delete("/v2/clients/{id}/contacts/{contact_id}", self._delete_contact)
-
-    # --- control ---------------------------------------------------------------------------
-    async def _get_readings(self, request: web.Request) -> web.Response:
-        return web.json_response(asdict(self.readings))
-
-    async def _set_readings(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"message": "body must be a JSON object"}, status=400)
-        known = {f.name for f in fields(Readings)}
-        if not isinstance(body, dict) or set(body) - known:
-            return web.json_response({"message": f"unknown readings; known: {', '.join(sorted(known))}"}, status=400)
-        for key, value in body.items():
-            setattr(self.readings, key, value)
-        return web.json_response(asdict(self.readings))
-
-    async def _control_reset(self, request: web.Request) -> web.Response:
-        self.readings = Readings()
-        return await super()._control_reset(request)
 
     # --- helpers -------------------------------------------------------------------------
     def object_id(self) -> str:

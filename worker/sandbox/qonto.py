@@ -45,7 +45,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pycountry
@@ -162,10 +162,10 @@ def _check_address(which: str, address: Any) -> list[Problem]:
 
 class QontoSandbox(SandboxProvider):
     name = "qonto"
+    readings_class = QontoSettings
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.settings = QontoSettings()
         self._reset_tokens()
 
     def _reset_tokens(self) -> None:
@@ -252,24 +252,9 @@ class QontoSandbox(SandboxProvider):
         app.router.add_get("/v2/clients/{id}", self._get)
         app.router.add_patch("/v2/clients/{id}", self._update)
         app.router.add_delete("/v2/clients/{id}", self._delete)
-        app.router.add_get("/_sandbox/settings", self._get_settings)
-        app.router.add_post("/_sandbox/settings", self._set_settings)
 
     # --- control -------------------------------------------------------------------------
-    async def _get_settings(self, request: web.Request) -> web.Response:
-        return web.json_response(asdict(self.settings))
-
-    async def _set_settings(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        known = {f.name for f in fields(QontoSettings)}
-        if not isinstance(body, dict) or set(body) - known:
-            return web.json_response({"message": f"unknown settings; known: {', '.join(sorted(known))}"}, status=400)
-        for key, value in body.items():
-            setattr(self.settings, key, value)
-        return web.json_response(asdict(self.settings))
-
     async def _control_reset(self, request: web.Request) -> web.Response:
-        self.settings = QontoSettings()
         self._reset_tokens()
         return await super()._control_reset(request)
 
@@ -288,15 +273,15 @@ class QontoSandbox(SandboxProvider):
         if used not in self.refresh_tokens:
             return _oauth_error(400, "invalid_grant", "The refresh token is malformed, revoked or was never issued")
         first_use = self.refresh_tokens[used]
-        if first_use is not None and now > first_use + self.settings.refresh_grace:
+        if first_use is not None and now > first_use + self.readings.refresh_grace:
             return _oauth_error(400, "invalid_grant", "The refresh token was already used and its grace period ended")
         if first_use is None:
             self.refresh_tokens[used] = now
         access, refresh = f"ory_at_{secrets.token_urlsafe(16)}", f"ory_rt_{secrets.token_urlsafe(16)}"
-        self.access_tokens[access] = now + self.settings.access_token_ttl
+        self.access_tokens[access] = now + self.readings.access_token_ttl
         self.refresh_tokens[refresh] = None
         return web.json_response({
-            "access_token": access, "expires_in": math.ceil(self.settings.access_token_ttl),
+            "access_token": access, "expires_in": math.ceil(self.readings.access_token_ttl),
             "refresh_token": refresh, "scope": "offline_access client.read client.write", "token_type": "bearer",
         })  # fmt: skip
 
@@ -315,7 +300,7 @@ class QontoSandbox(SandboxProvider):
             return _errors(422, [("deprecated", f"{k} is deprecated; use billing_address", f"/{k}")
                                  for k in deprecated])  # fmt: skip
         if unknown := sorted(set(body) - allowed):
-            if self.settings.unknown_fields == "reject":
+            if self.readings.unknown_fields == "reject":
                 return _errors(422, [("unpermitted_parameter", f"{k} is not a permitted field here", f"/{k}")
                                      for k in unknown])  # fmt: skip
             body = {k: v for k, v in body.items() if k in allowed}
@@ -348,7 +333,7 @@ class QontoSandbox(SandboxProvider):
             wanted = q.get(f"filter[{key}]")
             if wanted is None:
                 continue
-            if key == "name" and self.settings.name_filter == "substring":
+            if key == "name" and self.readings.name_filter == "substring":
                 items = [c for c in items if wanted.casefold() in str(c.get("name") or "").casefold()]
             elif key in ("name", "email"):
                 items = [c for c in items if str(c.get(key) or "").casefold() == wanted.casefold()]

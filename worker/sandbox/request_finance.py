@@ -15,7 +15,7 @@ RequestFinance/docs.request.finance:docs/clients.md):
 - No DELETE route (405, as for any unknown method).
 
 Where the docs are silent, each reading is a switch in `Readings`, settable at run time with
-`POST /request_finance/_sandbox/readings` (JSON body = fields to change; `GET` shows them):
+`POST /request_finance/_sandbox/settings` (JSON body = fields to change; `GET` shows them):
 - `envelope`: the shape of a `format=paginated` answer, never shown by the docs: "items"
   (default: `{"items": [...], "total": N}`), "data" (`{"data", "total"}`), "clients"
   (`{"clients", "total"}`), "bare" (the server ignores `format=paginated` and answers the
@@ -30,7 +30,7 @@ and 404 for an unknown id.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -74,15 +74,12 @@ def _haystack(record: dict[str, Any]) -> str:
 
 class RequestFinanceSandbox(SandboxProvider):
     name = "request_finance"
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.readings = Readings()
+    readings_class = Readings
 
     @property
     def legacy_list(self) -> bool:
         """The older API: `format=paginated` ignored, a bare array answered."""
-        return self.readings.envelope == "bare"
+        return bool(self.readings.envelope == "bare")
 
     @legacy_list.setter
     def legacy_list(self, value: bool) -> None:
@@ -109,32 +106,10 @@ class RequestFinanceSandbox(SandboxProvider):
         return _error(401, "Unauthorized")
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/_sandbox/readings", self._get_readings)
-        app.router.add_post("/_sandbox/readings", self._set_readings)
         app.router.add_post("/clients", self._create)
         app.router.add_get("/clients", self._list)
         app.router.add_get("/clients/{id}", self._get)
         app.router.add_put("/clients/{id}", self._replace)
-
-    # --- control ---------------------------------------------------------------------------
-    async def _get_readings(self, request: web.Request) -> web.Response:
-        return web.json_response(asdict(self.readings))
-
-    async def _set_readings(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "body must be a JSON object")
-        known = {f.name for f in fields(Readings)}
-        if not isinstance(body, dict) or set(body) - known:
-            return _error(400, f"unknown readings; known: {', '.join(sorted(known))}")
-        for key, value in body.items():
-            setattr(self.readings, key, value)
-        return web.json_response(asdict(self.readings))
-
-    async def _control_reset(self, request: web.Request) -> web.Response:
-        self.readings = Readings()
-        return await super()._control_reset(request)
 
     # --- handlers ------------------------------------------------------------------------
     async def _create(self, request: web.Request) -> web.Response:
