@@ -277,6 +277,10 @@ class SyncStore:
         self._finish = redis.register_script(_FINISH)
         self._abort = redis.register_script(_ABORT)
         self._resolve = redis.register_script(_RESOLVE)
+        self._set_link = redis.register_script(_SET_LINK)
+        self._epoch = redis.register_script(_EPOCH)
+        #: provider -> when clientsync first wrote there (set once in Redis, never changes)
+        self._epochs: dict[str, float] = {}
 
     @staticmethod
     def _keys(idem_key: str, provider: str, client_id: str) -> list[str]:
@@ -412,8 +416,10 @@ class SyncStore:
 
     async def provider_epoch(self, provider: str, now: float) -> float:
         """When clientsync first wrote to `provider` (recorded now if never): one round trip."""
-        raw = await self.redis.eval(_EPOCH, 1, keys.provider_epoch(provider), f"{now:.3f}")
-        return float(_text(raw))
+        if provider not in self._epochs:
+            raw = await self._epoch(keys=[keys.provider_epoch(provider)], args=[f"{now:.3f}"])
+            self._epochs[provider] = float(_text(raw))
+        return self._epochs[provider]
 
     async def link(self, provider: str, client_id: str) -> str | None:
         value = await self.redis.hget(keys.client_state(provider, client_id), "link")
@@ -422,8 +428,8 @@ class SyncStore:
     async def set_link(self, provider: str, client_id: str, provider_id: str) -> str:
         """Link without a job (`clientsync link`): 'ok', or the client already owning the record,
         or 'linked:<id>' when this client is already linked to another record."""
-        raw = await self.redis.eval(_SET_LINK, 2, keys.client_state(provider, client_id),
-                                    keys.record_owner(provider, provider_id), provider_id, client_id)
+        raw = await self._set_link(keys=[keys.client_state(provider, client_id),
+                                         keys.record_owner(provider, provider_id)], args=[provider_id, client_id])
         return _text(raw)
 
 

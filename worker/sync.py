@@ -109,7 +109,7 @@ async def apply_change(
         refused = (run.creating and isinstance(exc, ProviderError) and exc.status is not None and not unclear
                    and written[0] == 0)
         await asyncio.shield(store.abort(idem, provider, client_id, owner=owner,
-                                         unsettle_seconds=settle_seconds(adapter) if unclear else None,
+                                         unsettle_seconds=settle_seconds(adapter.config) if unclear else None,
                                          refused_create=change.event_id if refused else None))
         raise
     finally:
@@ -132,12 +132,8 @@ async def apply_change(
     return outcome
 
 
-def settle_seconds(adapter: ProviderAdapter) -> float:
+def settle_seconds(config: ProviderConfig) -> float:
     """How long after an unclear write clientsync assumes it may still land at the provider."""
-    return config_settle(adapter.config)
-
-
-def config_settle(config: ProviderConfig) -> float:
     return float(config.settle_seconds) if config.settle_seconds is not None else 2 * float(config.timeout)
 
 
@@ -148,12 +144,12 @@ def lease_problems(lease_seconds: float, configs: Mapping[str, ProviderConfig]) 
     holder's last call must have timed out and settled, or the takeover could race it."""
     problems = []
     for name, config in sorted(configs.items()):
-        need = config.timeout + config_settle(config)
+        need = config.timeout + settle_seconds(config)
         if need >= lease_seconds:
             prefix = f"CLIENTSYNC_{name.upper()}_"
             problems.append(
                 f"CLIENTSYNC_LEASE_SECONDS={lease_seconds:g} must exceed {prefix}TIMEOUT ({config.timeout:g}) + "
-                f"{prefix}SETTLE_SECONDS ({config_settle(config):g}): a crashed worker's write could still land "
+                f"{prefix}SETTLE_SECONDS ({settle_seconds(config):g}): a crashed worker's write could still land "
                 "after another worker took the client over"
             )
     return problems
@@ -287,7 +283,7 @@ class _Run:
         times = [float(i["at"]) for i in self.state.intents if isinstance(i.get("at"), int | float)]
         if not times:
             return
-        wait = max(times) + self.adapter.config.timeout + settle_seconds(self.adapter) - time.time()
+        wait = max(times) + self.adapter.config.timeout + settle_seconds(self.adapter.config) - time.time()
         if wait > 0:
             raise Busy(f"a create of client {self.client.id} at {self.adapter.name} was sent and its answer never "
                        f"recorded; waiting {wait:.1f}s for it to land", retry_after=wait)
