@@ -227,3 +227,20 @@ async def test_waiting_on_a_busy_client_spends_no_attempt(ctx: JobContext, sandb
     assert decision.state == "retrying" and decision.attempt == 3
     record = await redis.hgetall(keys.job(keys.job_id(IN, c.event_id)))
     assert record["state"] == "retrying" and record["last_error_class"] == "busy"
+
+
+async def test_a_job_that_keeps_losing_its_lease_spends_attempts_and_ends_dead(
+        ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis) -> None:
+    """A lost lease is not `Busy`: it spends an attempt, so the job cannot re-run forever."""
+    sim(sandbox).faults.latency_ms = 800  # the first-create lookups outlast a renewal tick (lease 5 s / 3)
+    c = await start(ctx)
+    job = asyncio.create_task(run_job(c, IN, 3, ctx))  # the provider's last attempt (max_attempts=3)
+    lock = keys.client_lock(IN, c.client.id)
+    while await redis.get(lock) is None:
+        await asyncio.sleep(0.01)
+    await redis.set(lock, "another-run")  # the lease went to another run meanwhile
+    decision = await job
+    assert decision.state == "dead"
+    record = await ctx.ledger.get(keys.job_id(IN, c.event_id))
+    assert record is not None and record.fields["last_error_class"] == "lease_lost"
+    assert not [x for x in sim(sandbox).calls if x.method == "POST"], "no create after the lease was lost"
