@@ -104,7 +104,12 @@ def make_events(clients: int, versions: int, rng: random.Random, run: str,
 
 
 def _names(found: list[str]) -> list[str]:
-    return [str(json.loads(t).get("name")) for t in found]
+    out = []
+    for t in found:
+        rec = json.loads(t)
+        when = rec.get("createdAt") or rec.get("created_at") or rec.get("createdDate") or ""
+        out.append(f"{rec.get('name')} (id {rec.get('id')}, created {when})")
+    return out
 
 
 class Chaos:
@@ -251,7 +256,7 @@ class Chaos:
                 found = by_client.get(cid, [])
                 label = f"{provider}:{cid}"
                 if len(found) > 1:
-                    self.result.duplicated.append(label)
+                    self.result.duplicated.append(f"{label} {_names(found)}")
                 elif e["action"] == "delete":
                     if found:  # resurrected, or the delete never applied
                         self.result.stale.append(f"{label} (want deleted at v{e['version']}, found {_names(found)})")

@@ -256,3 +256,46 @@ async def test_a_delete_after_an_unclear_create_deletes_that_create(world: World
     outcome = await world.settle(world.change(x, action="delete"))
     assert outcome.result == "deleted"
     assert await world.live() == []
+
+
+async def _adopt_unclearly(world: World, client_id: str) -> tuple[Client, str]:
+    """v1's create lands and its answer is lost; v2 (renamed) finds that record and adopts it, and
+    the adopting update lands with its answer lost too: the record no longer carries the payload
+    v1's create sent. Returns v2 and the one record. (Found by the chaos bench at LSP.expert.)"""
+    v1 = world.client(client_id, phone="+33 1 11 11 11 11")
+    world.faults(fail_after_commit_next=1, write_match="POST")
+    with pytest.raises(ProviderUnavailable):
+        await world.apply(world.change(v1))
+    v2 = v1.model_copy(update={"name": "Acme Renamed", "phone": "+33 1 22 22 22 22"})
+    adopting = world.change(v2)
+    world.faults(fail_after_commit_next=1, write_match="")  # the next write, whatever its method
+    for _ in range(600):
+        try:
+            await world.apply(adopting)
+        except Busy as exc:  # v1's create is waited out first
+            await asyncio.sleep(min(exc.retry_after or 0.1, 0.5))
+        except ProviderUnavailable:
+            break
+    else:
+        raise AssertionError("the adopting update never ended unclearly")
+    [record] = await world.live()
+    assert world.adapter.from_wire((await world.adapter.get(record)).data).display_name == "Acme Renamed"
+    return v2, record
+
+
+@pytest.mark.parametrize("world", PROVIDERS, indirect=True)
+async def test_a_record_adopted_by_an_unclear_update_stays_the_clients(world: World) -> None:
+    v2, record = await _adopt_unclearly(world, "src-adopt")
+    v3 = v2.model_copy(update={"phone": "+33 1 33 33 33 33"})
+    outcome = await world.settle(world.change(v3))
+    assert (outcome.result, outcome.provider_id) == ("updated", record)
+    assert await world.live() == [record]
+    assert await world.store.owners(world.name, [record]) == {record: "src-adopt"}
+
+
+@pytest.mark.parametrize("world", WITH_DELETE, indirect=True)
+async def test_a_delete_after_an_unclear_adopting_update_deletes_that_record(world: World) -> None:
+    v2, record = await _adopt_unclearly(world, "src-adopt-gone")
+    outcome = await world.settle(world.change(v2, action="delete"))
+    assert (outcome.result, outcome.provider_id) == ("deleted", record)
+    assert await world.live() == []

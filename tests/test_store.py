@@ -14,8 +14,9 @@ from worker.store import SyncStore
 P, C = "invoice_ninja", "client-1"
 
 
-def _intent(event_id: str, at: float = 1.0) -> str:
-    return json.dumps({"event_id": event_id, "at": at, "client": json.dumps({"id": C, "name": "Acme"})})
+def _intent(event_id: str, at: float = 1.0, token: str | None = None) -> str:
+    return json.dumps({"event_id": event_id, "at": at, "token": token or f"t-{event_id}-{at}",
+                       "client": json.dumps({"id": C, "name": "Acme"})})
 
 
 @pytest.fixture
@@ -170,8 +171,15 @@ async def test_a_record_owned_by_another_client_is_never_linked_or_claimed(store
     assert await store.link(P, C) is None
     assert await store.owners(P, ["X"]) == {"X": "other"}
     # An unowned record is claimed once, for this client, and stays claimed for its retries.
+    assert await store.mark_intent("k2", P, C, owner="w2", intent=_intent("k2"), now_ms=1000)
     assert await store.claim_record(P, C, "Y", owner="w2") == "ok"
     assert await store.claim_record(P, C, "Y", owner="w2") == "ok"
+    # The claim is the link, at once: it must outlive the adopting write should that end
+    # unclearly (and change the record). The record found answers the unanswered create.
+    await store.abort("k2", P, C, owner="w2", unsettle_seconds=1.0, now_ms=1000)
+    assert await store.link(P, C) == "Y"
+    state = (await store.begin("k3", P, C, fingerprint="fp", owner="w3", now_ms=1_000_000)).state
+    assert state is not None and state.link == "Y" and state.intents == []
     assert await store.claim_record(P, "third", "Y", owner="w2") == "lost"  # w2 holds no lock on "third"
 
 
@@ -243,10 +251,16 @@ async def test_unanswered_creates_are_kept_as_a_list_with_what_each_sent(store: 
 
 async def test_a_create_the_provider_clearly_refused_leaves_no_intent(store: SyncStore) -> None:
     await store.begin("r1", P, C, fingerprint="r1", owner="w", now_ms=1000)
-    assert await store.mark_intent("r1", P, C, owner="w", intent=_intent("r1"), now_ms=1000)
+    assert await store.mark_intent("r1", P, C, owner="w", intent=_intent("r1", token="a"), now_ms=1000)
     await store.abort("r1", P, C, owner="w")  # unclear: the intent stays
     await store.begin("r2", P, C, fingerprint="r2", owner="w", now_ms=2000)
-    assert await store.mark_intent("r2", P, C, owner="w", intent=_intent("r2", at=2.0), now_ms=2000)
-    await store.abort("r2", P, C, owner="w", refused_create="r2")  # a 422: nothing was made
-    state = (await store.begin("r3", P, C, fingerprint="r3", owner="w", now_ms=3000)).state
-    assert state is not None and [i["event_id"] for i in state.intents] == ["r1"]
+    assert await store.mark_intent("r2", P, C, owner="w", intent=_intent("r2", at=2.0, token="b"), now_ms=2000)
+    await store.abort("r2", P, C, owner="w")  # unclear too
+    # The retry of r2 creates again and is clearly refused (a 422, a 429): that create made
+    # nothing, but r2's first, unclear create may have landed: its intent stays.
+    assert await store.begin("r2", P, C, fingerprint="r2", owner="w", now_ms=9000)
+    assert await store.mark_intent("r2", P, C, owner="w", intent=_intent("r2", at=9.0, token="c"), now_ms=9000)
+    await store.abort("r2", P, C, owner="w", refused_create="c")
+    state = (await store.begin("r3", P, C, fingerprint="r3", owner="w", now_ms=10000)).state
+    assert state is not None
+    assert [(i["event_id"], i["token"]) for i in state.intents] == [("r1", "a"), ("r2", "b")]

@@ -97,13 +97,26 @@ end
 return 1
 """
 
-# KEYS: client lock, the record's owner key; ARGV: owner token, client id
+# KEYS: client lock, the record's owner key, client state; ARGV: owner token, client id, provider, record id
 # Claim a provider record for this client before adopting it: refused if another client owns it.
-_CLAIM = """
+# A claim is a link: once a record is known to be this client's (its exact keys, its own lost
+# create, an operator's choice), that knowledge must outlive the write that follows. Should the
+# adopting update end unclearly and change the record, the next run updates the linked record
+# instead of looking for a payload the record no longer carries (and creating it again). The
+# record found answers the client's unanswered creates, as a finish that links it would.
+_CLAIM = f"local OWNER = {json.dumps(_OWNER)}\n" + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lost' end
+local client, provider, record = ARGV[2], ARGV[3], ARGV[4]
 local other = redis.call('GET', KEYS[2])
-if other and other ~= ARGV[2] then return other end
-redis.call('SET', KEYS[2], ARGV[2])
+if other and other ~= client then return other end
+redis.call('SET', KEYS[2], client)
+local old = redis.call('HGET', KEYS[3], 'link')
+if old and old ~= record then
+  local key = OWNER .. provider .. ':' .. old
+  if redis.call('GET', key) == client then redis.call('DEL', key) end
+end
+redis.call('HSET', KEYS[3], 'link', record)
+redis.call('HDEL', KEYS[3], 'intent', 'resolution')
 return 'ok'
 """
 
@@ -155,7 +168,7 @@ return 'ok'
 """
 
 # KEYS: idempotency, client lock, client state; ARGV: owner, settle_ms ('' = the outcome was clear),
-# now_ms ('' = Redis time), event id whose create intent a clear refusal answered ('' = none)
+# now_ms ('' = Redis time), token of the create intent a clear refusal answered ('' = none)
 _ABORT = NOW_LUA + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'status', 'failed')
@@ -171,7 +184,7 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then
     if ok and type(list) == 'table' then
       local kept = {}
       for _, i in ipairs(list) do
-        if type(i) ~= 'table' or i.event_id ~= ARGV[4] then table.insert(kept, i) end
+        if type(i) ~= 'table' or i.token ~= ARGV[4] then table.insert(kept, i) end
       end
       if #kept == 0 then redis.call('HDEL', KEYS[3], 'intent')
       else redis.call('HSET', KEYS[3], 'intent', cjson.encode(kept)) end
@@ -346,11 +359,12 @@ class SyncStore:
         return bool(ok)
 
     async def claim_record(self, provider: str, client_id: str, provider_id: str, *, owner: str) -> str:
-        """Make `provider_id` this client's before adopting it: 'ok', 'lost' (our lock is gone), or
-        the id of the client that already owns it."""
+        """Make `provider_id` this client's, and its link, before adopting it: 'ok', 'lost' (our
+        lock is gone), or the id of the client that already owns it."""
         raw = await self._claim(
-            keys=[keys.client_lock(provider, client_id), keys.record_owner(provider, provider_id)],
-            args=[owner, client_id],
+            keys=[keys.client_lock(provider, client_id), keys.record_owner(provider, provider_id),
+                  keys.client_state(provider, client_id)],
+            args=[owner, client_id, provider, provider_id],
         )
         return _text(raw)
 
@@ -401,7 +415,8 @@ class SyncStore:
                     refused_create: str | None = None) -> None:
         """Release the claim and the lock; `unsettle_seconds` set: the write ended unclearly, and
         no write to this client may start before that many seconds have passed;
-        `refused_create`: the event whose create the provider clearly refused (its intent goes)."""
+        `refused_create`: the token of the create intent the provider clearly refused (that intent
+        goes; others of the same event, sent by earlier runs, stay: they may have landed)."""
         await self._abort(
             keys=[keys.idempotency(idem_key), keys.client_lock(provider, client_id),
                   keys.client_state(provider, client_id)],

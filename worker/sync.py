@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -110,7 +111,7 @@ async def apply_change(
                    and written[0] == 0)
         await asyncio.shield(store.abort(idem, provider, client_id, owner=owner,
                                          unsettle_seconds=settle_seconds(adapter.config) if unclear else None,
-                                         refused_create=change.event_id if refused else None))
+                                         refused_create=run.intent_token if refused else None))
         raise
     finally:
         renewer.cancel()
@@ -232,6 +233,9 @@ class _Run:
         self.wrote = False
         #: this run recorded a create intent and sent the create
         self.creating = False
+        #: names this run's create intent (a clear refusal removes that one only)
+        self.intent_token = ""
+
 
     async def apply(self) -> tuple[Outcome, dict[str, Any]]:
         state = self.state
@@ -262,6 +266,8 @@ class _Run:
             # whole payload that create sent, created since its intent and owned by nobody, is
             # that create (brought up to this change's data).
             similar = await self._our_lost_creates()
+            log.info("client %s at %s: %d unanswered create(s) recorded; records found carrying their payload: %s",
+                     self.client.id, self.adapter.name, len(state.intents), [r.id for r in similar])
             if len(similar) == 1:
                 return await self._adopt(similar[0].id, update=True)
             if len(similar) > 1:
@@ -355,8 +361,9 @@ class _Run:
 
     async def _create(self) -> tuple[Outcome, dict[str, Any]]:
         # The client is kept as JSON text: Redis's Lua cjson would turn its empty lists into objects.
+        self.intent_token = secrets.token_hex(8)
         intent = json.dumps({"event_id": self.change.event_id, "at": round(time.time(), 3),
-                             "client": self.client.model_dump_json()})
+                             "token": self.intent_token, "client": self.client.model_dump_json()})
         if not await self.store.mark_intent(self.idem, self.adapter.name, self.client.id, owner=self.owner,
                                             intent=intent):
             # Our lease on the client ran out (a slow Redis or a long pause): another worker may
