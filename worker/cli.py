@@ -189,16 +189,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     problems = lease_problems(settings.lease_seconds, enabled_configs())
     if problems:
         raise CliError("invalid settings: " + "; ".join(problems))
+    pool, concurrency = args.pool or settings.worker_pool, args.concurrency or settings.worker_concurrency
     # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
-            "--loglevel", settings.log_level, "--pool", args.pool or settings.worker_pool,
-            "--concurrency", str(args.concurrency or settings.worker_concurrency),
+            "--loglevel", settings.log_level, "--pool", pool, "--concurrency", str(concurrency),
             "--without-gossip", "--without-mingle"]
     if settings.task_events:
         argv.append("--task-events")
     if args.hostname:
         argv += ["--hostname", args.hostname]
-    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the Celery worker
+    # The flags reach the worker's runtime too (tasks.runtime sizes its Redis pool and HTTP
+    # connector from the settings): one value for Celery's pool and for what it shares.
+    env = {**os.environ, "CLIENTSYNC_WORKER_POOL": pool, "CLIENTSYNC_WORKER_CONCURRENCY": str(concurrency)}
+    os.execve(sys.executable, argv, env)  # noqa: S606 - replaces this process with the Celery worker
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
