@@ -203,8 +203,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     workers = data["workers"]
+    silent = [b for b in data.get("heartbeats", []) if not b["live"]]
     print(f"queue {data['queue']}: {data['queue_depth']} waiting; workers alive: {len(workers)}"
-          + (f" ({', '.join(workers[:5])}{'…' if len(workers) > 5 else ''})" if workers else ""))
+          + (f" ({', '.join(workers[:5])}{'…' if len(workers) > 5 else ''})" if workers else "")
+          + "".join(f"; silent: {b['worker']} (last heartbeat {b['age_seconds']:.0f} s ago)" for b in silent[:5]))
     rows = []
     for name, p in data["providers"].items():
         rate = p["rate_limit"]
