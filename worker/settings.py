@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         description="How often each worker looks for a dead worker's messages and running jobs (worker.inflight).",
     )
     heartbeat_seconds: float = Field(
-        10.0, gt=0, le=300,
+        10.0, ge=0.5, le=300,
         description="How often each worker process writes its heartbeat; /readyz counts a worker as live while "
         "its last one is younger than two of these.",
     )

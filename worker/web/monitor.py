@@ -427,7 +427,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """`GET /readyz`: Redis and the broker reachable and a worker heartbeating, else 503 naming what is not."""
+    """`GET /readyz`: Redis and the broker reachable and a worker with a fresh heartbeat (`worker.heartbeat`),
+    else 503 naming what is not (and any worker whose heartbeat went stale)."""
     ready, details = await _monitor(request).readiness()
     return web.json_response({"status": "ready" if ready else "not ready", **details},
                              status=200 if ready else 503, headers=NO_STORE)
