@@ -10,6 +10,7 @@ prefork pool) the child builds its own runtime: loops and sockets do not survive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -20,8 +21,8 @@ from typing import Any, TypeVar
 import aiohttp
 import redis.asyncio as aioredis
 
-from worker import keys
 from worker.circuit import CircuitBreaker
+from worker.heartbeat import Heartbeat
 from worker.inflight import OwnerBeat, Reaper, process_owner
 from worker.jobs import JobContext, RetryPolicy, before_call_hook
 from worker.ledger import Ledger
@@ -98,7 +99,9 @@ class Runtime:
         # process's beat stops, any worker's reaper gives its messages and running jobs back.
         owner = process_owner()
         self.owner_beat = OwnerBeat.ensure(s.redis_url)
-        self._beat_task = asyncio.get_running_loop().create_task(self._beat(owner))
+        # Liveness for /readyz and the summary: see worker.heartbeat for when a beat is fresh.
+        self.heartbeat = Heartbeat(self.redis, owner, s.heartbeat_seconds)
+        self._beat_task = asyncio.get_running_loop().create_task(self.heartbeat.run())
         ledger = Ledger(self.redis, max_jobs=s.ledger_max_jobs, max_age_seconds=s.ledger_max_age_seconds,
                         trim_every=s.ledger_trim_every, change_ttl_seconds=s.ledger_change_ttl_seconds)
         reaper = Reaper(self.redis, ledger, queues=[s.queue])
@@ -125,25 +128,18 @@ class Runtime:
             countdown_max=s.visibility_timeout / 4,
         )
 
-    async def _beat(self, name: str) -> None:
-        """Mark this worker process alive for /readyz, every third of the heartbeat TTL."""
-        while True:
-            try:
-                await self.redis.set(keys.heartbeat(name), "1", ex=keys.HEARTBEAT_TTL_SECONDS)
-            except Exception:  # Redis away: readiness will say so; keep beating
-                log.warning("heartbeat failed", exc_info=True)
-            await asyncio.sleep(keys.HEARTBEAT_TTL_SECONDS / 3)
-
     async def _forget_heartbeat(self) -> None:
         """A clean stop removes this process's heartbeat at once: /readyz and the summary must
-        not count a worker that is gone (a killed one ages out with the key's TTL)."""
+        not count a worker that is gone (a killed one stops counting once its last beat is stale)."""
         try:
-            await self.redis.delete(keys.heartbeat(self.context.owner))
-        except Exception:  # Redis away: the key expires on its own
+            await self.heartbeat.forget()
+        except Exception:  # Redis away: the beat ages out on its own
             log.warning("could not remove the heartbeat", exc_info=True)
 
     async def _close(self) -> None:
         self._beat_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._beat_task  # no beat in flight may land after the delete
         await self._forget_heartbeat()
         self._trim_task.cancel()
         self._mover_task.cancel()

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from worker import keys
+from worker import heartbeat, keys
 from worker.web.signatures import decode_secret, sign
 
 FINAL = {"succeeded", "skipped", "dead"}
@@ -105,9 +105,10 @@ async def set_faults(session: aiohttp.ClientSession, base: str, **faults: Any) -
 
 
 async def workers_ready(redis: aioredis.Redis, n: int, timeout: float = 30) -> None:
-    """Wait for `n` worker runtimes' heartbeats (each runs the mover of parked retries)."""
+    """Wait for `n` worker runtimes' live heartbeats (each runs the mover of parked retries); a
+    killed worker's stale heartbeat does not count."""
     deadline = time.monotonic() + timeout
-    while len(await redis.keys(keys.HEARTBEAT_PATTERN)) < n:
+    while len([b for b in await heartbeat.read(redis) if b.live]) < n:
         assert time.monotonic() < deadline, "workers did not start"
         await asyncio.sleep(0.1)
 

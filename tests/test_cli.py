@@ -86,10 +86,12 @@ def test_version_and_provider_names_validated_against_the_registry(capsys: pytes
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"clientsync {importlib.metadata.version('clientsync')}"
     for argv in (["jobs", "--provider", "quonto"], ["replay", "--all-dead", "--provider", "quonto"],
-                 ["provider", "pause", "quonto"], ["check", "--provider", "quonto"]):
+                 ["provider", "pause", "quonto"], ["check", "--provider", "quonto"], ["link", "--provider", "quonto"]):
         with pytest.raises(SystemExit) as bad:
             build_parser().parse_args(argv)
         assert bad.value.code == 2
         err = capsys.readouterr().err
         assert "invalid choice: 'quonto'" in err and all(name in err for name in PROVIDER_NAMES), argv
     assert build_parser().parse_args(["jobs", "--provider", "qonto"]).provider == "qonto"
+    # dead letters are the provider `intake` (README, "Poison-proof intake")
+    assert build_parser().parse_args(["jobs", "--provider", "intake"]).provider == "intake"

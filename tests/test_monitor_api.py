@@ -17,6 +17,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from tests.monitor_fixtures import AUTH, TOKEN, info_commandstats, make_job, settings
 from worker import keys
+from worker.heartbeat import Heartbeat
 from worker.ledger import Ledger
 from worker.monitor import APPLY_TASK, decode_cursor, encode_cursor
 from worker.settings import Settings
@@ -430,15 +431,66 @@ async def test_readyz_needs_redis_and_a_heartbeating_worker(api: TestClient[Any,
                                                             spec: dict[str, Any]) -> None:
     resp = await api.get("/readyz")
     body = await resp.json()
-    assert resp.status == 503 and body["redis"] == "ok" and body["workers"] == []
+    assert resp.status == 503 and body["redis"] == "ok" and body["workers"] == [] and body["heartbeats"] == []
     assert any("worker" in m for m in body["missing"])
     conforms(spec, "Readiness", body)
-    await r.set(keys.heartbeat("host:123"), "1", ex=keys.HEARTBEAT_TTL_SECONDS)
+    await Heartbeat(r, "host:123:abc", 10.0).beat_once()  # what a worker's runtime writes
     resp = await api.get("/readyz")
     body = await resp.json()
-    assert resp.status == 200 and body["workers"] == ["host:123"] and body["missing"] == []
+    assert resp.status == 200 and body["workers"] == ["host:123:abc"] and body["missing"] == []
     assert body["broker"] == {"queue": "celery", "depth": 0}
+    [beat] = body["heartbeats"]
+    assert beat["worker"] == "host:123:abc" and beat["live"] is True and beat["live_within_seconds"] == 20
+    assert 0 <= beat["age_seconds"] < beat["live_within_seconds"]
+    conforms(spec, "Readiness", body)
     assert (await api.get("/healthz")).status == 200
+
+
+async def redis_now_ms(r: aioredis.Redis) -> float:
+    seconds, micros = await r.time()
+    return seconds * 1000 + micros / 1000
+
+
+async def write_beat(r: aioredis.Redis, worker: str, *, age: float, every: float) -> None:
+    """A heartbeat written straight into Redis, `age` seconds old by Redis's clock."""
+    now = await redis_now_ms(r)
+    await r.hset(keys.heartbeat(worker), mapping={"at_ms": int(now - age * 1000), "every": repr(every)})
+    await r.expire(keys.heartbeat(worker), 3600)
+
+
+async def test_a_heartbeat_with_an_old_timestamp_is_not_live_and_readyz_names_its_worker(
+        api: TestClient[Any, Any], r: aioredis.Redis, spec: dict[str, Any]) -> None:
+    every = 10.0
+    # live means younger than two of the worker's own intervals, whatever the key's TTL
+    await write_beat(r, "host:1:old", age=2 * every + 5, every=every)
+    await write_beat(r, "host:2:recent", age=2 * every - 5, every=every)
+    await write_beat(r, "host:3:quick", age=2 * every - 5, every=1.0)  # same age, beats every second: silent
+    await r.set(keys.heartbeat("host:4:legacy"), "1", ex=3600)  # not a heartbeat of this format: ignored
+    resp = await api.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["workers"] == ["host:2:recent"] and body["missing"] == []
+    beats = {b["worker"]: b for b in body["heartbeats"]}
+    assert set(beats) == {"host:1:old", "host:2:recent", "host:3:quick"}
+    assert body["heartbeats"][0]["worker"] == "host:2:recent"  # live ones first
+    assert beats["host:2:recent"]["live"] is True
+    assert beats["host:1:old"]["live"] is False and beats["host:1:old"]["age_seconds"] >= 2 * every + 5
+    assert beats["host:3:quick"]["live"] is False and beats["host:3:quick"]["live_within_seconds"] == 2
+    conforms(spec, "Readiness", body)
+
+    await r.delete(keys.heartbeat("host:2:recent"))
+    resp = await api.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["workers"] == []
+    [missing] = body["missing"]
+    assert "no worker is heartbeating" in missing and "host:1:old" in missing and "live within 20 s" in missing
+    assert "host:3:quick" in missing and "host:4:legacy" not in missing
+    conforms(spec, "Readiness", body)
+
+    resp = await api.get("/monitor/summary", headers=AUTH)
+    summary = await resp.json()
+    assert resp.status == 200 and summary["workers"] == []
+    assert {b["worker"]: b["live"] for b in summary["heartbeats"]} == {"host:1:old": False, "host:3:quick": False}
+    conforms(spec, "Summary", summary)
 
 
 async def test_readyz_monitor_and_metrics_are_503_when_redis_is_unreachable(aiohttp_client: MakeClient) -> None:

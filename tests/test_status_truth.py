@@ -1,13 +1,16 @@
-"""Status tells the truth: a worker that stopped cleanly is gone from /readyz and the summary at once."""
+"""Status tells the truth: a worker that stopped cleanly is gone from /readyz and the summary at once;
+a killed one stops counting as live once its heartbeat is stale, and /readyz names it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -17,11 +20,15 @@ from worker.launcher import Stack
 
 
 def readyz(url: str) -> int:
+    return readyz_body(url)[0]
+
+
+def readyz_body(url: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=5) as resp:
-            return int(resp.status)
+            return int(resp.status), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        return int(exc.code), json.loads(exc.read())
 
 
 def test_a_cleanly_stopped_worker_removes_its_heartbeat_and_readyz_says_not_ready(
@@ -41,6 +48,43 @@ def test_a_cleanly_stopped_worker_removes_its_heartbeat_and_readyz_says_not_read
         # The process is gone: its heartbeat is gone with it (not 30 s later).
         assert client.keys(keys.HEARTBEAT_PATTERN) == []
         assert readyz(stack.receiver_url) == 503
+    finally:
+        client.close()
+        stack.stop()
+
+
+def test_a_killed_worker_stops_counting_once_its_heartbeat_is_stale_and_readyz_names_it(
+        fresh_redis_url: str, tmp_path: Path) -> None:
+    # one heartbeat a second: live within 2 s (the bound comes from the setting, not from the key's TTL)
+    stack = Stack(env=clean_env(CLIENTSYNC_REDIS_URL=fresh_redis_url, CLIENTSYNC_HEARTBEAT_SECONDS="1"),
+                  log_dir=tmp_path / "logs")
+    client = redis.Redis.from_url(fresh_redis_url)
+    try:
+        stack.ensure_secrets()
+        stack.start_receiver()
+        worker = stack.start_worker("worker0", concurrency=2)
+        deadline = time.monotonic() + 60
+        while (answer := readyz_body(stack.receiver_url))[0] != 200:
+            assert time.monotonic() < deadline, f"the worker never became ready: {answer}"
+            time.sleep(0.1)
+        [name] = answer[1]["workers"]  # host:pid:random of the worker process
+        assert name.split(":")[1] == str(worker.pid)
+        [beat] = answer[1]["heartbeats"]
+        assert beat["worker"] == name and beat["live"] is True and beat["live_within_seconds"] == 2
+
+        stack.kill("worker0")  # SIGKILL: nothing runs at exit, the heartbeat stays in Redis
+        deadline = time.monotonic() + 60
+        while (answer := readyz_body(stack.receiver_url))[0] != 503:
+            assert time.monotonic() < deadline, f"a killed worker still counts as live: {answer}"
+            time.sleep(0.2)
+        body = answer[1]
+        assert body["workers"] == [] and body["redis"] == "ok"
+        [missing] = body["missing"]
+        assert name in missing and "last heartbeat" in missing
+        # stale, not expired: the heartbeat is still there, listed as not live
+        assert [(b["worker"], b["live"]) for b in body["heartbeats"]] == [(name, False)]
+        assert body["heartbeats"][0]["age_seconds"] >= 2
+        assert client.exists(keys.heartbeat(name)) == 1
     finally:
         client.close()
         stack.stop()

@@ -120,9 +120,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from worker.cli import add_provider_argument
+
     p = sub.add_parser("check", help="validate the configuration and call each enabled provider once (read-only)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--provider", choices=list(REGISTRY), help="check only this provider")
+    add_provider_argument(p, "--provider", help="check only this provider")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("env-template", help="print .env.example: every CLIENTSYNC_* setting with its default")
     p.set_defaults(func=lambda _args: print(env_template()) or 0)

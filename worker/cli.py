@@ -321,6 +321,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print the shell completion script for the whole parser (shtab reads it: subcommands, options, choices)."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -337,6 +345,19 @@ def _version() -> str:
 
 
 # --- wiring -----------------------------------------------------------------------------------
+#: the shells `clientsync completion` writes a script for (with shtab)
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+
+
+def add_provider_argument(parser: argparse.ArgumentParser, *flags: str, extra: tuple[str, ...] = (),
+                          **kwargs: Any) -> argparse.Action:
+    """An argument that names a provider: its choices are the registered providers (plus `extra`),
+    so argparse refuses any other name and `clientsync completion` completes to these names."""
+    from worker.providers import REGISTRY
+
+    return parser.add_argument(*flags, choices=[*REGISTRY, *extra], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clientsync", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -385,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start everything, send a few changes, show what happened, exit")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the changes to finish")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("completion", help="print a shell completion script (see the README for where it goes)")
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
 
     for register in _extensions():
         register(sub)

@@ -95,13 +95,12 @@ AUDIT_MAX = 1000
 #: sorted set of parked retries (JSON task payloads) scored by due time (ms)
 DELAYED = f"{PREFIX}delayed"
 
-#: worker heartbeat keys (one per worker process)
+#: worker heartbeat keys (one per worker process): hash at_ms, every (see worker.heartbeat)
 def heartbeat(worker: str) -> str:
     return f"{PREFIX}hb:{worker}"
 
 
 HEARTBEAT_PATTERN = f"{PREFIX}hb:*"
-HEARTBEAT_TTL_SECONDS = 30
 
 
 # --- monitoring: ledger indexes and shared counters (worker.ledger, worker.monitor, worker.metrics) ---

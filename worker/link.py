@@ -254,9 +254,11 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from worker.cli import add_provider_argument
+
     p = sub.add_parser("link", help="onboard an existing provider account: link its records to source clients "
                                     "by exact keys only")
-    p.add_argument("--provider", required=True, help="the provider to read (e.g. invoice_ninja)")
+    add_provider_argument(p, "--provider", required=True, help="the provider to read")
     p.add_argument("--source", metavar="FILE.jsonl",
                    help="source clients, one Client or ClientChange JSON per line (default: the clients "
                         "clientsync has seen)")

@@ -30,14 +30,14 @@ import binascii
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker import circuit, keys
+from worker import circuit, heartbeat, keys
 from worker.ledger import COUNTERS, INTAKE, LATENCY_BUCKETS, STATES, Ledger, bucket_label
 from worker.models import PROVIDER_NAMES, mask_email
 from worker.parking import apply_message, task_key
@@ -235,6 +235,10 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 class Page:
     jobs: list[dict[str, Any]]
     next_cursor: str | None
+
+
+def _live(beats: Sequence[heartbeat.Seen]) -> list[str]:
+    return sorted(b.worker for b in beats if b.live)[:heartbeat.MAX_LISTED]
 
 
 def _text(value: Any) -> str:
@@ -758,35 +762,27 @@ class Monitor:
                 "latency_seconds": {"count": v["latency"]["count"], "sum": round(v["latency"]["sum"], 3)},
             }
         totals = {s: sum(p["counts"][s] for p in providers.values()) for s in STATES}
+        beats = await heartbeat.read(self.redis)
         return {"generated_at": iso(time.time()), "queue": snap["queue"], "queue_depth": snap["queue_depth"],
-                "workers": await self.workers(), "provider_names": list(PROVIDER_NAMES), "totals": totals,
-                "providers": providers}
-
-    async def workers(self, limit: int = 100) -> list[str]:
-        """Names of worker processes whose heartbeat is live."""
-        prefix = keys.heartbeat("")
-        names: list[str] = []
-        async for key in self._iter_heartbeats():
-            names.append(_text(key)[len(prefix):])
-            if len(names) >= limit:
-                break
-        return sorted(names)
-
-    def _iter_heartbeats(self) -> AsyncIterator[Any]:
-        return self.redis.scan_iter(match=keys.HEARTBEAT_PATTERN, count=5000)
+                "workers": _live(beats), "heartbeats": [b.view() for b in beats[:heartbeat.MAX_LISTED]],
+                "provider_names": list(PROVIDER_NAMES), "totals": totals, "providers": providers}
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Redis and the broker queue reachable, and at least one worker heartbeating."""
+        """Redis and the broker queue reachable, and at least one worker with a fresh heartbeat;
+        when none is live, `missing` names the workers whose heartbeat went stale."""
         details: dict[str, Any] = {}
         missing: list[str] = []
         try:
             await self.redis.ping()
             details["redis"] = "ok"
             details["broker"] = {"queue": self.queue, "depth": int(await self.redis.llen(self.queue))}
-            workers = await self.workers()
-            details["workers"] = workers
-            if not workers:
-                missing.append("no worker is heartbeating (start `clientsync worker`)")
+            beats = await heartbeat.read(self.redis)
+            details["workers"] = _live(beats)
+            details["heartbeats"] = [b.view() for b in beats[:heartbeat.MAX_LISTED]]
+            if not details["workers"]:
+                silent = "".join(f"; {b.worker}: last heartbeat {b.age_seconds:.0f} s ago "
+                                 f"(live within {b.live_within_seconds:g} s)" for b in beats[:5])
+                missing.append(f"no worker is heartbeating (start `clientsync worker`){silent}")
         except (OSError, aioredis.RedisError) as exc:
             details["redis"] = f"unreachable: {type(exc).__name__}"
             missing.append("redis (state store and broker) is unreachable")

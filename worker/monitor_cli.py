@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from worker import circuit
-from worker.cli import CliError, _require_redis, _settings
-from worker.ledger import STATES
+from worker.cli import CliError, _require_redis, _settings, add_provider_argument
+from worker.ledger import INTAKE, STATES
 from worker.models import PROVIDER_NAMES
 from worker.monitor import (
     MAX_BULK,
@@ -203,8 +203,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     workers = data["workers"]
+    silent = [b for b in data.get("heartbeats", []) if not b["live"]]
     print(f"queue {data['queue']}: {data['queue_depth']} waiting; workers alive: {len(workers)}"
-          + (f" ({', '.join(workers[:5])}{'…' if len(workers) > 5 else ''})" if workers else ""))
+          + (f" ({', '.join(workers[:5])}{'…' if len(workers) > 5 else ''})" if workers else "")
+          + "".join(f"; silent: {b['worker']} (last heartbeat {b['age_seconds']:.0f} s ago)" for b in silent[:5]))
     rows = []
     for name, p in data["providers"].items():
         rate = p["rate_limit"]
@@ -243,9 +245,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def _filters(p: argparse.ArgumentParser, *, state: bool) -> None:
     if state:
         p.add_argument("--state", choices=list(STATES), help="the job's state")
-    # "-" is the provider of dead letters (messages that were not a valid change)
-    p.add_argument("--provider", choices=[*PROVIDER_NAMES, "-"], metavar="PROVIDER",
-                   help=f"one of: {', '.join(PROVIDER_NAMES)} (or - for invalid messages)")
+    # dead letters (messages that were not a valid change) have the provider `intake` ("-" before)
+    add_provider_argument(p, "--provider", extra=(INTAKE, "-"), metavar="PROVIDER",
+                          help=f"one of: {', '.join(PROVIDER_NAMES)} (or {INTAKE} for dead letters)")
     p.add_argument("--since", help="last update at or after (RFC 3339 or unix seconds)")
     p.add_argument("--until", help="last update at or before (RFC 3339 or unix seconds)")
 
@@ -290,7 +292,7 @@ def register(sub: Any) -> None:
     p.add_argument("action", choices=list(circuit.ACTIONS),
                    help="pause: hold its jobs; resume: close the circuit (also after fixing credentials); "
                         "probe: the next job probes at once")
-    p.add_argument("provider", choices=list(PROVIDER_NAMES), help="the provider")
+    add_provider_argument(p, "provider", help="the provider")
     p.add_argument("--note", help="why (kept in the audit list)")
     p.set_defaults(func=cmd_provider)
 

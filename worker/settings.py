@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         1.0, gt=0, le=10,
         description="How often each worker looks for a dead worker's messages and running jobs (worker.inflight).",
     )
+    heartbeat_seconds: float = Field(
+        10.0, ge=0.5, le=300,
+        description="How often each worker process writes its heartbeat; /readyz counts a worker as live while "
+        "its last one is younger than two of these.",
+    )
     task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
     worker_concurrency: int = Field(16, ge=1)
     worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")

@@ -10,15 +10,15 @@ from aiohttp import web
 
 from worker.producer import DurableWrites, Producer
 from worker.settings import Settings
-from worker.web import dashboard, handlers
 from worker.web import monitor as monitor_web
+from worker.web import routes
 from worker.web.keys import METRICS, MONITOR, PRODUCER, REDIS, SETTINGS, WEBHOOK_KEYS
 from worker.web.middlewares import error_middleware
 from worker.web.signatures import decode_secret
 
 log = logging.getLogger("clientsync.web")
 
-__all__ = ["METRICS", "MONITOR", "PRODUCER", "REDIS", "SETTINGS", "WEBHOOK_KEYS", "create_app", "setup_routes"]
+__all__ = ["METRICS", "MONITOR", "PRODUCER", "REDIS", "SETTINGS", "WEBHOOK_KEYS", "create_app"]
 
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
@@ -40,19 +40,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         await client.aclose()
 
     app.cleanup_ctx.append(redis_ctx)
-    setup_routes(app)
+    monitor_web.setup(app)  # the receiver's counters and middleware, the Monitor
+    routes.register(app)  # every route: worker.web.routes.ROUTES
     return app
 
-
-async def root(request: web.Request) -> web.Response:
-    """`GET /`: the operator's way in is the dashboard."""
-    raise web.HTTPFound("/dashboard")
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/", root)
-    app.router.add_post("/webhooks/clients", handlers.receive_client_webhook)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/schema/client-change.json", handlers.schema)
-    monitor_web.setup(app)  # /monitor/*, /metrics, /readyz
-    dashboard.setup(app)  # /dashboard

@@ -107,9 +107,3 @@ async def logout(request: web.Request) -> web.Response:
     response.del_cookie(COOKIE, path="/")
     raise response
 
-
-def setup(app: web.Application) -> None:
-    app.router.add_get("/dashboard", dashboard)
-    app.router.add_post("/dashboard/login", login)
-    app.router.add_post("/dashboard/logout", logout)
-    app.router.add_static("/dashboard/static", STATIC, append_version=False)

@@ -91,6 +91,11 @@ async def _conflict(request: web.Request, change: ClientChange) -> web.Response:
     return json_error(409, message, event_id=change.event_id)
 
 
+async def root(request: web.Request) -> web.Response:
+    """`GET /`: the operator's way in is the dashboard."""
+    raise web.HTTPFound("/dashboard")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 

@@ -427,7 +427,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """`GET /readyz`: Redis and the broker reachable and a worker heartbeating, else 503 naming what is not."""
+    """`GET /readyz`: Redis and the broker reachable and a worker with a fresh heartbeat (`worker.heartbeat`),
+    else 503 naming what is not (and any worker whose heartbeat went stale)."""
     ready, details = await _monitor(request).readiness()
     return web.json_response({"status": "ready" if ready else "not ready", **details},
                              status=200 if ready else 503, headers=NO_STORE)
@@ -435,7 +436,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 # --- wiring -----------------------------------------------------------------------------------------
 def setup(app: web.Application) -> None:
-    """Routes, the Monitor (built on the app's Redis client) and the receiver's own counters."""
+    """The Monitor (built on the app's Redis client) and the receiver's own counters; the routes
+    to these handlers are in `worker.web.routes`."""
     app[appmod.METRICS] = ReceiverMetrics()
     app.middlewares.insert(0, webhook_middleware(app[appmod.METRICS]))
 
@@ -444,18 +446,3 @@ def setup(app: web.Application) -> None:
         yield
 
     app.cleanup_ctx.append(monitor_ctx)
-    r = app.router
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
-    r.add_get("/monitor/openapi.yaml", openapi)
-    r.add_get("/monitor/summary", summary)
-    r.add_get("/monitor/jobs", list_jobs)
-    r.add_post("/monitor/replay", replay_bulk)
-    r.add_post("/monitor/jobs/{id:.+}/replay", replay_job)
-    r.add_post("/monitor/jobs/{id:.+}/discard", discard_job)
-    r.add_post("/monitor/jobs/{id:.+}/resolve", resolve_job)
-    r.add_get("/monitor/jobs/{id:.+}", get_job)
-    r.add_post("/monitor/providers/{provider}/{action}", provider_action)
-    r.add_get("/monitor/audit", audit)
-    r.add_get("/monitor/dead-groups", dead_groups)
-    r.add_get("/monitor/clients/{client_id}", get_client)

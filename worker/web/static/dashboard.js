@@ -381,7 +381,9 @@ function noteSummary(summary) {
   providerNames = [...new Set([...(summary.provider_names || []), ...Object.keys(summary.providers)])]
     .filter((n) => n !== "-");
   document.getElementById("overview").textContent =
-    `queue ${summary.queue}: ${summary.queue_depth} waiting · workers alive: ${summary.workers.length}`;
+    `queue ${summary.queue}: ${summary.queue_depth} waiting · workers alive: ${summary.workers.length}`
+    + (summary.heartbeats || []).filter((b) => !b.live).slice(0, 5)
+      .map((b) => ` · silent: ${b.worker} (last heartbeat ${Math.round(b.age_seconds)} s ago)`).join("");
 }
 
 function rateText(rate) {
