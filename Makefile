@@ -36,8 +36,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Three test processes: the stack-running tests in one, in order; the in-process tests spread
+# over all three (tests/conftest.py). `$(BIN)/pytest tests/test_x.py` runs one file alone.
 test: $(STAMP) system-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_e2e.py

@@ -1,8 +1,9 @@
 """Shared fixtures: a real Redis server, and whole clientsync stacks as real processes.
 
-Redis: `CLIENTSYNC_REDIS_URL` when it is set and answers (the tests then use database 15
-of that server and flush it first, never the database you pointed at); otherwise an
-embedded redis-server started for the session. Never an in-process Redis fake, never Celery eager mode.
+Redis: `CLIENTSYNC_REDIS_URL` when it is set and answers (the tests then use database 15 of
+that server, 14 and 13 in the second and third xdist process, and flush it first, never the
+database you pointed at); otherwise an embedded redis-server started for each test process.
+Never an in-process Redis fake, never Celery eager mode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,29 @@ from worker.redis_server import EmbeddedRedis
 REPO = Path(__file__).resolve().parents[1]
 #: reference data copied into the repo (provenance and licence in each folder)
 DATA = REPO / "tests" / "data"
-TEST_DB = 15
+#: under pytest-xdist (`make test`), each test process has a database of its own: gw0 15, gw1 14, ...
+TEST_DB = 15 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+#: modules that run whole stacks as real processes (Celery workers, the receiver, Chromium, the
+#: chaos bench): `make test` runs them one after another in a single test process, beside the
+#: in-process tests, which mostly wait on provider timeouts and settle times. Two CPU-heavy
+#: stacks at once on a 2-core machine would only slow each other down.
+PROCESS_MODULES = frozenset({
+    "test_chaos_short", "test_cli_operator", "test_dashboard_browser", "test_demo", "test_identity_e2e",
+    "test_intake_corpus", "test_intake_doors", "test_lifecycle_crash", "test_link_command", "test_monitor_e2e",
+    "test_operator_controls_e2e", "test_provider_responses", "test_retry_e2e_outage", "test_retry_e2e_parking",
+    "test_retry_e2e_throttle", "test_run_command", "test_spine_crash", "test_spine_e2e",
+    "test_spine_redis_trouble", "test_status_truth", "test_worker_sizing", "test_check", "test_durability",
+    "test_inflight", "test_completion", "test_cli",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`--dist loadgroup`: the process-running modules share one group (see PROCESS_MODULES)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in PROCESS_MODULES:
+            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 def _external_redis() -> str | None:
@@ -42,7 +65,7 @@ def _external_redis() -> str | None:
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:
-    """A real Redis server for the whole session (external db 15, or embedded)."""
+    """A real Redis server for the whole session (external db TEST_DB, or embedded)."""
     url = _external_redis()
     if url:
         yield url

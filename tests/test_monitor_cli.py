@@ -23,6 +23,9 @@ def seed(fresh_redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Seed:
     for key in ("CLIENTSYNC_QUEUE", "CLIENTSYNC_MONITOR_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("CLIENTSYNC_REDIS_URL", fresh_redis_url)
+    # A wide terminal, whatever runs the tests (an xdist worker has none: 80 columns): the
+    # assertions read whole cells. Narrow terminals wrap (tests/test_cli_operator.py).
+    monkeypatch.setenv("COLUMNS", "200")
 
     def run(work: Callable[[Ledger], Awaitable[Any]]) -> Any:
         async def go() -> Any:
