@@ -27,11 +27,14 @@ REQUEUE_PAUSE_SECONDS = 1.0
 
 
 @app.task(name="clientsync.sync_client", bind=True, max_retries=None)
-def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
+def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, str]:
     """Entry point for every producer: one argument, a `ClientChange` JSON object.
 
     Takes `*args` so a wrong arity is dead-lettered with a reason instead of a TypeError.
     Each provider's first attempt runs here, concurrently; retries are their own messages.
+    Returns each provider job's state after that attempt (succeeded, skipped, retrying,
+    needs_attention, dead; `intake: dead` for a message that is not a change): Flower shows it
+    as the task's result, so SUCCESS (the message was handled) never hides a provider's failure.
     """
     rt = get_runtime()
     task_id = self.request.id or "unknown"
@@ -40,11 +43,13 @@ def sync_client(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
     with _requeue_on_infrastructure_error("sync_client"):
         change, providers = rt.run(fan_out(raw, rt.context, task_id=task_id, received_at=received_at))
         if change is None:
-            return 0
+            return {"intake": "dead"}
         decisions = rt.run(run_first_attempts(change, providers, rt.context))
     for provider, decision in decisions.items():
         _fallback_retry(change.model_dump(mode="json"), provider, decision)
-    return len(providers)
+    # Providers the change names that are not enabled here were dead-lettered by fan_out.
+    states = {p: "dead" for p in change.providers or () if p not in decisions}
+    return states | {p: d.state for p, d in decisions.items()}
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)

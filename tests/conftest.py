@@ -38,7 +38,7 @@ PROCESS_MODULES = frozenset({
     "test_operator_controls_e2e", "test_provider_responses", "test_retry_e2e_outage", "test_retry_e2e_parking",
     "test_retry_e2e_throttle", "test_run_command", "test_spine_crash", "test_spine_e2e",
     "test_spine_redis_trouble", "test_status_truth", "test_worker_sizing", "test_check", "test_durability",
-    "test_inflight", "test_completion", "test_cli",
+    "test_inflight", "test_completion", "test_cli", "test_flower_result",
 })
 
 
