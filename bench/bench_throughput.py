@@ -526,6 +526,13 @@ def sandbox_request(stack: Stack, provider: str, path: str, payload: object | No
         return json.loads(resp.read())
 
 
+def route(provider: str, call: dict[str, Any]) -> str:
+    """`GET /v2/clients/{id}` for a logged call: no provider prefix, no query, ids folded."""
+    path = call["path"].split("?")[0].removeprefix(f"/{provider}")
+    parts = ["{id}" if re.search(r"\d", part) and len(part) >= 6 else part for part in path.split("/")]
+    return f"{call['method']} {'/'.join(parts)}"
+
+
 def set_latency(stack: Stack, providers: Sequence[str], latency_ms: float) -> None:
     for p in providers:
         sandbox_request(stack, p, "faults", {"latency_ms": latency_ms})
@@ -679,16 +686,27 @@ def idle_usage(meter: Meter, seconds: float) -> Usage:
     return Meter.usage(before, meter.snapshot())
 
 
-def receiver_batch(stack: Stack, meter: Meter, changes: Sequence[dict[str, Any]]) -> Usage:
-    """Send changes through the receiver with no worker running: its Redis cost, alone."""
+#: concurrent senders through the receiver (also how many changes prime its Redis connection pool)
+SENDERS = 50
+
+
+def receiver_batch(stack: Stack, meter: Meter, prime: Sequence[dict[str, Any]],
+                   changes: Sequence[dict[str, Any]]) -> Usage:
+    """Send changes through the receiver with no worker running: its Redis cost, alone.
+
+    `prime` goes first, unmeasured: it opens the receiver's pooled Redis connections (each new one
+    costs a handshake: HELLO, CLIENT SETINFO) and its one-off durability check (INFO).
+    """
     secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
     queued_before = int(meter.call("LLEN", QUEUE))
+    statuses = asyncio.run(post_webhooks(stack.receiver_url, secret, prime, rate=0, senders=SENDERS))
     before = meter.snapshot()
-    statuses = asyncio.run(post_webhooks(stack.receiver_url, secret, changes, rate=0))
+    statuses += asyncio.run(post_webhooks(stack.receiver_url, secret, changes, rate=0, senders=SENDERS))
     after = meter.snapshot()
-    require(Counter(statuses) == Counter({202: len(changes)}), f"receiver answered {Counter(statuses)}")
+    total = len(prime) + len(changes)
+    require(Counter(statuses) == Counter({202: total}), f"receiver answered {Counter(statuses)}")
     queued = int(meter.call("LLEN", QUEUE)) - queued_before
-    require(queued == len(changes), f"{len(changes)} webhooks accepted but {queued} queued")
+    require(queued == total, f"{total} webhooks accepted but {queued} queued")
     return Meter.usage(before, after)
 
 
@@ -926,7 +944,7 @@ def latency_phase(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[
         require(all(200 <= c["status"] < 300 for c in new), f"{p}: a provider call failed: "
                 f"{Counter(c['status'] for c in new)}")
         per_job[p] = len(new) / n
-        by_method[p] = Counter(f"{c['method']} {c['path'].split('?')[0]}" for c in new)
+        by_method[p] = Counter(route(p, c) for c in new)
     latencies = [u - rcv for u, rcv in zip(rows.updated, rows.received, strict=True)]
     overheads = [lat - latency_ms / 1000 * per_job[p] for lat, p in zip(latencies, rows.providers, strict=True)]
     return LatencyRun(latency_ms, rate, len(latencies), statistics.median(latencies) * 1000,
@@ -978,14 +996,14 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
             say(f"(b) clientsync, 1 worker x {args.concurrency} threads, {len(providers)} providers at "
                 f"{latency_ms:g} ms")
             set_latency(stack, providers, latency_ms)
-            receiver_changes = make_changes(f"{tag}w", args.warmup)
+            prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.warmup)
             base = meter.final_count(providers)
-            receiver = receiver_batch(stack, meter, receiver_changes)  # then the worker's warm-up
+            receiver = receiver_batch(stack, meter, prime, receiver_changes)  # then the worker's warm-up
             workers = start_clientsync_workers(stack, tag, 1, args.concurrency)
             sampler = RssSampler(stack, workers)
             sampler.start()
-            wait_final(meter, stack, workers, providers, base + args.warmup * len(providers), args.timeout,
-                       args.poll_ms / 1000)
+            wait_final(meter, stack, workers, providers, base + (SENDERS + args.warmup) * len(providers),
+                       args.timeout, args.poll_ms / 1000)
             idle = idle_usage(meter, args.idle_seconds)
             drain = clientsync_drain(stack, meter, r, workers, providers, n, f"{tag}d", args)
             say(f"    drain: {drain.jobs_per_s:,.0f} jobs/s, {drain.changes_per_s:,.1f} changes/s")
@@ -1020,7 +1038,11 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
                   f"{run.rss_mb:.0f} / {run.hwm_mb:.0f}"] for run in runs]),
         "",
         "A change is one webhook = one Celery task (`clientsync.sync_client`) = one job per provider; the "
-        "tasks/s column of a clientsync row is its changes/s.",
+        "tasks/s column of a clientsync row is its changes/s. Provider calls per job in these drains (sandbox "
+        "call log; every change creates a new client):",
+        "",
+        *[f"- {run.latency_ms:g} ms: " + ", ".join(f"{prov} {c / run.drain.changes:.2f}"
+                                                   for prov, c in run.drain.calls.items()) for run in runs],
         "",
         "#### Receipt -> applied (paced below saturation)",
         "",
@@ -1179,13 +1201,13 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
             meter = Meter(stack.redis_url)
             r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
             redis_version = meter.info().get("redis_version", "")
-            receiver_changes = make_changes(f"{tag}w", args.receiver_n)
+            prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.receiver_n)
             base = meter.final_count(providers)
-            receiver = receiver_batch(stack, meter, receiver_changes)  # then the workers' warm-up
+            receiver = receiver_batch(stack, meter, prime, receiver_changes)  # then the workers' warm-up
             workers = start_clientsync_workers(stack, tag, args.workers, args.concurrency)
             sampler = RssSampler(stack, workers)
             sampler.start()
-            wait_final(meter, stack, workers, providers, base + len(receiver_changes) * len(providers),
+            wait_final(meter, stack, workers, providers, base + (SENDERS + len(receiver_changes)) * len(providers),
                        args.timeout, args.poll_ms / 1000)
             idle = idle_usage(meter, args.idle_seconds)
             drain = clientsync_drain(stack, meter, r, workers, providers, n, f"{tag}d", args)
