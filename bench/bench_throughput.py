@@ -55,7 +55,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -419,6 +419,36 @@ def log_problems(stack: Stack, names: Sequence[str]) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def bench_stack(args: argparse.Namespace, providers: Sequence[str] | None, *, receiver: bool,
+                prefix: str) -> Iterator[tuple[Stack, Meter, redis.Redis]]:
+    """A fresh Stack (Redis unless CLIENTSYNC_REDIS_URL is set, the sandbox, the receiver), its meter
+    and a redis-py client for reads outside measured windows. Children's logs are kept on failure."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
+    ok = False
+    try:
+        with Stack(env=bench_env(args), log_dir=tmp / "logs") as stack:
+            stack.ensure_redis()
+            stack.ensure_secrets()
+            if providers:
+                stack.start_sandbox(names=list(providers))
+            if receiver:
+                stack.start_receiver()
+            meter = Meter(stack.redis_url)
+            r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+            try:
+                yield stack, meter, r
+            finally:
+                meter.close()
+                r.close()
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            say(f"the processes' logs are kept in {tmp / 'logs'}")
+
+
 def start_clientsync_workers(stack: Stack, tag: str, count: int, concurrency: int) -> list[str]:
     names = [f"cs-{tag}-{i}" for i in range(count)]
     for name in names:
@@ -643,6 +673,7 @@ class Drain:
     usage: Usage
     retried: int
     calls: dict[str, int] = field(default_factory=dict)  # provider calls during the drain
+    routes: dict[str, Counter[str]] = field(default_factory=dict)  # the same, by route
 
     @property
     def jobs_per_s(self) -> float:
@@ -673,10 +704,14 @@ def clientsync_drain(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequen
     after = meter.snapshot()
     rows = read_jobs(r, changes, providers)
     retried = check_all_succeeded(rows, n * len(providers), stats_before, stats_of(r, providers), n)
-    calls_after = {p: len(c) for p, c in sandbox_calls(stack, providers).items()}
+    new_calls = {p: c[calls_before[p]:] for p, c in sandbox_calls(stack, providers).items()}
+    for p, calls in new_calls.items():
+        require(all(200 <= c["status"] < 300 for c in calls),
+                f"{p}: a provider call failed: {Counter(c['status'] for c in calls)}")
     seconds = max(rows.updated) - released
     return Drain(n, n * len(providers), seconds, Meter.usage(before, after), retried,
-                 {p: calls_after[p] - calls_before[p] for p in providers})
+                 {p: len(c) for p, c in new_calls.items()},
+                 {p: Counter(route(p, call) for call in c) for p, c in new_calls.items()})
 
 
 def idle_usage(meter: Meter, seconds: float) -> Usage:
@@ -796,13 +831,12 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
                                   "and the receiver accepts timestamps up to 300 s old")
     require(args.connections >= args.wrk_threads, "--connections must be >= --wrk-threads")
     pool = args.pool or max(2000, int(args.duration * args.pool_rate))
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     results: dict[str, WrkResult] = {}
-    with Stack(env=bench_env(args), log_dir=tmp / "logs") as stack:
-        stack.ensure_redis()
-        stack.ensure_secrets()
+    with bench_stack(args, None, receiver=False, prefix="ingest") as (stack, meter, r):
         secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
         run = uuid.uuid4().hex[:6]
+        assert stack.log_dir is not None
+        tmp = stack.log_dir.parent  # the request files go with the logs (removed after a good run)
 
         say(f"bare aiohttp handler: {pool} pre-signed webhooks, {args.connections} connections, {args.duration:g}s")
         port = free_port()
@@ -816,8 +850,6 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
 
         say("receiver (clientsync serve), no worker running: every accepted webhook stays on the queue")
         stack.start_receiver()
-        meter = Meter(stack.redis_url)
-        r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         sent_ids = write_requests(tmp / "receiver.tsv", secret, f"i{run}r", pool)
         base = r.llen(QUEUE)
         claims_before = sum(1 for _ in r.scan_iter(match=keys.event("*"), count=1000))
@@ -841,9 +873,6 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
                 f"{accepted} webhooks answered 202 but {len(queued_ids)} queued (at most {in_flight} may have been "
                 "in flight when wrk stopped)")
         redis_version = meter.info().get("redis_version", "")
-        meter.close()
-        r.close()
-    shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []
     for name, label in (("bare", "bare aiohttp (read JSON, 202)"), ("receiver", "clientsync receiver")):
@@ -967,20 +996,12 @@ class ClientsyncRun:
 def cmd_e2e(args: argparse.Namespace) -> list[str]:
     n = args.n or 2000
     latency_n = args.latency_n or n
-    providers = ALL_PROVIDERS
-    tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    providers = args.providers
     runs: list[ClientsyncRun] = []
-    with Stack(env=bench_env(args), log_dir=tmp / "logs") as stack:
-        stack.ensure_redis()
-        stack.ensure_secrets()
-        stack.start_sandbox(names=providers)
-        stack.start_receiver()
-        meter = Meter(stack.redis_url)
-        r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    say(f"(a) baseline: stock Celery no-op, {args.noop_n} tasks, threads x {args.concurrency}, "
+        f"task events {args.task_events}")
+    with bench_stack(args, None, receiver=False, prefix="e2e-noop") as (stack, meter, _r):
         redis_version = meter.info().get("redis_version", "")
-
-        say(f"(a) baseline: stock Celery no-op, {args.noop_n} tasks, threads x {args.concurrency}, "
-            f"task events {args.task_events}")
         start_baseline_worker(stack, "noop", NOOP_QUEUE, args)
         wait_celery_ready(stack, "noop")
         noop_sampler = RssSampler(stack, ["noop"])
@@ -989,12 +1010,14 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
         noop = baseline_drain(stack, meter, "noop", NOOP_QUEUE, NOOP_TASK, [[]] * args.noop_n, args)
         noop_rss, noop_hwm = noop_sampler.finish()
         stop(stack, ["noop"])
-        say(f"    no-op: {noop.per_s:,.0f} tasks/s")
+    say(f"    no-op: {noop.per_s:,.0f} tasks/s")
 
-        for latency_ms in args.latency_ms:
-            tag = f"e{uuid.uuid4().hex[:5]}-{latency_ms:g}"
-            say(f"(b) clientsync, 1 worker x {args.concurrency} threads, {len(providers)} providers at "
-                f"{latency_ms:g} ms")
+    for latency_ms in args.latency_ms:
+        # A fresh stack per latency: every run starts from the same empty Redis and sandbox (what a
+        # sandbox holds matters: LSP.expert's adapter reads every page of clients on a create).
+        tag = f"e{uuid.uuid4().hex[:5]}-{latency_ms:g}"
+        say(f"(b) clientsync, 1 worker x {args.concurrency} threads, {len(providers)} providers at {latency_ms:g} ms")
+        with bench_stack(args, providers, receiver=True, prefix="e2e") as (stack, meter, r):
             set_latency(stack, providers, latency_ms)
             prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.warmup)
             base = meter.final_count(providers)
@@ -1014,16 +1037,12 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
             stop(stack, workers)
             require(not problems, "the worker logged errors:\n" + "\n".join(problems[:20]))
             runs.append(ClientsyncRun(latency_ms, drain, receiver, len(receiver_changes), idle, lat, rss, hwm))
-        meter.close()
-        r.close()
-    shutil.rmtree(tmp, ignore_errors=True)
     return report_e2e(args, n, noop, (noop_rss, noop_hwm), runs, redis_version)
 
 
 def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: tuple[float, float],
-               runs: list[ClientsyncRun],
-               redis_version: str) -> list[str]:
-    p = len(ALL_PROVIDERS)
+               runs: list[ClientsyncRun], redis_version: str) -> list[str]:
+    p = len(args.providers)
     out = [
         f"### End to end: clientsync vs a Celery no-op (1 worker process, pool threads x {args.concurrency}, "
         f"task events {args.task_events})",
@@ -1100,18 +1119,11 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
     n = args.n or 1000
     provider = "invoice_ninja"
     latency_ms = args.naive_latency_ms
-    tmp = Path(tempfile.mkdtemp(prefix="bench-naive-"))
-    with Stack(env=bench_env(args), log_dir=tmp / "logs") as stack:
-        stack.ensure_redis()
-        stack.ensure_secrets()
-        stack.start_sandbox(names=[provider])
-        set_latency(stack, [provider], latency_ms)
-        meter = Meter(stack.redis_url)
-        r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    run = uuid.uuid4().hex[:5]
+    say(f"naive Celery task: {n} changes, one POST each with a new session, {latency_ms:g} ms")
+    with bench_stack(args, [provider], receiver=False, prefix="naive") as (stack, meter, _r):
         redis_version = meter.info().get("redis_version", "")
-        run = uuid.uuid4().hex[:5]
-
-        say(f"naive Celery task: {n} changes, one POST each with a new session, {latency_ms:g} ms")
+        set_latency(stack, [provider], latency_ms)
         start_baseline_worker(stack, "naive", NAIVE_QUEUE, args, {
             "BENCH_NAIVE_URL": stack.env["CLIENTSYNC_INVOICE_NINJA_URL"],
             "BENCH_NAIVE_TOKEN": stack.env["CLIENTSYNC_INVOICE_NINJA_TOKEN"]})
@@ -1130,7 +1142,9 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
                 f"naive: expected {n} successful POSTs, the sandbox saw "
                 f"{Counter((c['method'], c['status']) for c in new_calls)}")
 
-        say(f"clientsync: 1 worker, {provider} alone, {n} changes")
+    say(f"clientsync: 1 worker, {provider} alone, {n} changes")
+    with bench_stack(args, [provider], receiver=False, prefix="naive-cs") as (stack, meter, r):
+        set_latency(stack, [provider], latency_ms)
         workers = start_clientsync_workers(stack, f"n{run}", 1, args.concurrency)
         sampler = RssSampler(stack, workers)
         sampler.start()
@@ -1143,9 +1157,6 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
         problems = log_problems(stack, workers)
         stop(stack, workers)
         require(not problems, "the worker logged errors:\n" + "\n".join(problems[:20]))
-        meter.close()
-        r.close()
-    shutil.rmtree(tmp, ignore_errors=True)
     nu, cu = naive.usage, cs.usage
     rows = [
         ["naive Celery task (new session per call, 1 POST, no state)", num(naive.per_s, 1), "1.00",
@@ -1159,6 +1170,9 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
         "",
         table(["variant", "changes/s", "provider calls per change", "Redis round trips per change",
                "Redis commands per change", "peak worker RSS MB", "÷ naive"], rows),
+        "",
+        "clientsync's calls per change: " + ", ".join(f"{r} x{c / n:.2f}" for r, c in cs.routes[provider].items())
+        + " (the naive task: POST /api/v1/clients x1.00)",
         "",
         f"checks: naive: Celery ran {n:,} tasks (`inspect stats`), the sandbox saw {n:,} POSTs, all 2xx, no error "
         f"logged; clientsync: every job succeeded, none dead, retries {cs.retried}",
@@ -1190,16 +1204,9 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
     runs: list[CeilingRun] = []
     redis_version = ""
     for providers in (["invoice_ninja"], ALL_PROVIDERS):
-        tmp = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
         tag = f"r{uuid.uuid4().hex[:5]}-{len(providers)}"
         say(f"redis-ceiling: {len(providers)} provider(s), 0 ms, {args.workers} workers x {args.concurrency}")
-        with Stack(env=bench_env(args), log_dir=tmp / "logs") as stack:
-            stack.ensure_redis()
-            stack.ensure_secrets()
-            stack.start_sandbox(names=providers)
-            stack.start_receiver()
-            meter = Meter(stack.redis_url)
-            r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+        with bench_stack(args, providers, receiver=True, prefix="ceiling") as (stack, meter, r):
             redis_version = meter.info().get("redis_version", "")
             prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.receiver_n)
             base = meter.final_count(providers)
@@ -1215,9 +1222,6 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
             problems = log_problems(stack, workers)
             stop(stack, workers)
             require(not problems, "a worker logged errors:\n" + "\n".join(problems[:20]))
-            meter.close()
-            r.close()
-        shutil.rmtree(tmp, ignore_errors=True)
         say(f"    {drain.changes_per_s:,.1f} changes/s")
         runs.append(CeilingRun(providers, drain, receiver, len(receiver_changes), idle, rss))
 
@@ -1266,6 +1270,14 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
 
 
 # --- command line -------------------------------------------------------------------------------------------
+def provider_list(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = set(names) - set(ALL_PROVIDERS)
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"providers are among {', '.join(ALL_PROVIDERS)}")
+    return names
+
+
 COMMON = {
     "--concurrency": dict(type=int, default=DEFAULT_CONCURRENCY,
                           help="threads per worker process, clientsync's and the baselines' alike"),
@@ -1284,11 +1296,13 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "--pool": dict(type=int, default=0, help="pre-built webhooks (0 = duration x pool-rate)"),
     },
     "e2e": {
-        "--n": dict(type=int, default=None, help="changes per measured batch (default: e2e 2000, naive 1000, "
+        "--n": dict(type=int, default=None, help="changes per measured batch (unset: e2e 2000, naive 1000, "
                                                  "redis-ceiling 2000)"),
         "--noop-n": dict(type=int, default=5000, help="no-op tasks"),
+        "--providers": dict(type=provider_list, default=ALL_PROVIDERS,
+                            help="comma-separated providers of the clientsync runs"),
         "--latency-ms": dict(type=float, nargs="+", default=[100.0, 20.0], help="sandbox latency per provider call"),
-        "--latency-n": dict(type=int, default=None, help="changes in the paced latency run (default: --n)"),
+        "--latency-n": dict(type=int, default=None, help="changes in the paced latency run (unset: --n)"),
         "--load": dict(type=float, default=0.5, help="pace of the latency run, as a fraction of the measured "
                                                      "changes/s"),
         "--warmup": dict(type=int, default=100, help="changes before the measured batch (e2e: sent through the "

@@ -61,7 +61,7 @@ def naive_body(change: dict[str, Any]) -> dict[str, Any]:
         "name": client["name"],
         "contacts": [{"first_name": contacts[0].get("first_name"), "last_name": contacts[0].get("last_name"),
                       "email": client.get("email")}],
-        "country_id": "840",
+        "country_id": 840,
     }
 
 
