@@ -521,6 +521,19 @@ def _with_children(pid: int) -> list[int]:
     return pids
 
 
+def cpu_seconds(stack: Stack, names: Iterable[str]) -> float:
+    """user + system CPU seconds the named processes (and their children) have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for name in names:
+        proc = stack.procs.get(name)
+        for pid in _with_children(proc.pid) if proc is not None else []:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 class RssSampler(threading.Thread):
     """Samples VmRSS of the worker processes (and any children) every `interval` seconds."""
 
@@ -674,6 +687,8 @@ class Drain:
     retried: int
     calls: dict[str, int] = field(default_factory=dict)  # provider calls during the drain
     routes: dict[str, Counter[str]] = field(default_factory=dict)  # the same, by route
+    worker_cpu: float = 0.0  # CPU seconds of the worker processes during the drain
+    sandbox_cpu: float = 0.0  # CPU seconds of the sandbox (the simulated providers) during the drain
 
     @property
     def jobs_per_s(self) -> float:
@@ -698,10 +713,12 @@ def clientsync_drain(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequen
     stats_before = stats_of(r, providers)
     calls_before = {p: len(c) for p, c in sandbox_calls(stack, providers).items()}
     base = meter.final_count(providers)
+    cpu_before = cpu_seconds(stack, workers), cpu_seconds(stack, ["sandbox"])
     before = meter.snapshot()
     released = meter.release(staging, QUEUE)
     wait_final(meter, stack, workers, providers, base + n * len(providers), args.timeout, args.poll_ms / 1000)
     after = meter.snapshot()
+    cpu_after = cpu_seconds(stack, workers), cpu_seconds(stack, ["sandbox"])
     rows = read_jobs(r, changes, providers)
     retried = check_all_succeeded(rows, n * len(providers), stats_before, stats_of(r, providers), n)
     new_calls = {p: c[calls_before[p]:] for p, c in sandbox_calls(stack, providers).items()}
@@ -711,7 +728,8 @@ def clientsync_drain(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequen
     seconds = max(rows.updated) - released
     return Drain(n, n * len(providers), seconds, Meter.usage(before, after), retried,
                  {p: len(c) for p, c in new_calls.items()},
-                 {p: Counter(route(p, call) for call in c) for p, c in new_calls.items()})
+                 {p: Counter(route(p, call) for call in c) for p, c in new_calls.items()},
+                 cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
 
 
 def idle_usage(meter: Meter, seconds: float) -> Usage:
@@ -909,6 +927,8 @@ class BaselineDrain:
     tasks: int
     seconds: float
     usage: Usage
+    worker_cpu: float = 0.0
+    sandbox_cpu: float = 0.0
 
     @property
     def per_s(self) -> float:
@@ -923,6 +943,7 @@ def baseline_drain(stack: Stack, meter: Meter, name: str, queue: str, task: str,
     meter.stage(staging, messages)
     require(meter.backlog(queue) == 0, "the baseline queue or kombu's unacked hash is not empty")
     totals_before = celery_totals(stack, name)
+    cpu_before = cpu_seconds(stack, [name]), cpu_seconds(stack, ["sandbox"])
     before = meter.snapshot()
     released = meter.release(staging, queue)
     deadline = time.monotonic() + args.timeout
@@ -933,12 +954,14 @@ def baseline_drain(stack: Stack, meter: Meter, name: str, queue: str, task: str,
         time.sleep(poll)
     finished = time.time()
     after = meter.snapshot()
+    cpu_after = cpu_seconds(stack, [name]), cpu_seconds(stack, ["sandbox"])
     time.sleep(0.2)
     ran = celery_totals(stack, name) - totals_before
     require(ran == Counter({task: len(payloads)}), f"{name} ran {dict(ran)}, expected {len(payloads)} x {task}")
     problems = log_problems(stack, [name])
     require(not problems, f"{name} logged errors:\n" + "\n".join(problems[:20]))
-    return BaselineDrain(len(payloads), finished - released, Meter.usage(before, after))
+    return BaselineDrain(len(payloads), finished - released, Meter.usage(before, after),
+                         cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
 
 
 @dataclass
@@ -1063,6 +1086,21 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
         *[f"- {run.latency_ms:g} ms: " + ", ".join(f"{prov} {c / run.drain.changes:.2f}"
                                                    for prov, c in run.drain.calls.items()) for run in runs],
         "",
+        "#### CPU per job during the drains (where the machine's time goes)",
+        "",
+        table(["run", "worker CPU ms", "worker busy (cores)", "sandbox CPU ms", "Redis CPU ms"],
+              [["Celery no-op (per task)", f"{noop.worker_cpu / noop.tasks * 1000:.2f}",
+                f"{noop.worker_cpu / noop.seconds:.2f}", "-", f"{noop.usage.cpu / noop.tasks * 1000:.2f}"]]
+              + [[f"clientsync @ {run.latency_ms:g} ms (per job)",
+                  f"{run.drain.worker_cpu / run.drain.jobs * 1000:.2f}",
+                  f"{run.drain.worker_cpu / run.drain.seconds:.2f}",
+                  f"{run.drain.sandbox_cpu / run.drain.jobs * 1000:.2f}",
+                  f"{run.drain.usage.cpu / run.drain.jobs * 1000:.2f}"] for run in runs]),
+        "",
+        "Worker and sandbox CPU: utime + stime from /proc/<pid>/stat over the drain; Redis: INFO cpu. A worker "
+        "process with the threads pool runs Python on about one core at most (the GIL): busy near 1.0 means the "
+        "worker's own CPU, not the providers' latency, set the rate.",
+        "",
         "#### Receipt -> applied (paced below saturation)",
         "",
         table(["provider latency", "paced at changes/s", "jobs", "p50 ms", "p99 ms", "provider calls per job",
@@ -1160,16 +1198,19 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
     nu, cu = naive.usage, cs.usage
     rows = [
         ["naive Celery task (new session per call, 1 POST, no state)", num(naive.per_s, 1), "1.00",
-         f"{nu.reads / n:.2f}", f"{nu.total_commands / n:.1f}", num(naive_rss), "1"],
+         f"{nu.reads / n:.2f}", f"{nu.total_commands / n:.1f}", f"{naive.worker_cpu / n * 1000:.2f}",
+         f"{naive.worker_cpu / naive.seconds:.2f}", num(naive_rss), "1"],
         [f"clientsync ({provider} alone)", num(cs.changes_per_s, 1), f"{cs.calls[provider] / n:.2f}",
-         f"{cu.reads / n:.2f}", f"{cu.total_commands / n:.1f}", num(cs_rss), f"{cs.changes_per_s / naive.per_s:.2f}"],
+         f"{cu.reads / n:.2f}", f"{cu.total_commands / n:.1f}", f"{cs.worker_cpu / n * 1000:.2f}",
+         f"{cs.worker_cpu / cs.seconds:.2f}", num(cs_rss), f"{cs.changes_per_s / naive.per_s:.2f}"],
     ]
     return [
         f"### Naive baseline vs clientsync (Invoice Ninja sandbox at {latency_ms:g} ms, 1 worker process, "
         f"threads x {args.concurrency}, task events {args.task_events}, {n:,} changes)",
         "",
         table(["variant", "changes/s", "provider calls per change", "Redis round trips per change",
-               "Redis commands per change", "peak worker RSS MB", "÷ naive"], rows),
+               "Redis commands per change", "worker CPU ms per change", "worker busy (cores)",
+               "peak worker RSS MB", "÷ naive"], rows),
         "",
         "clientsync's calls per change: " + ", ".join(f"{r} x{c / n:.2f}" for r, c in cs.routes[provider].items())
         + " (the naive task: POST /api/v1/clients x1.00)",
@@ -1235,7 +1276,8 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
         rows.append([label, f"{args.workers} x {args.concurrency}", num(d.changes_per_s, 1), num(d.jobs_per_s),
                      f"{cpu * 1000:.3f}", f"{busy * 100:.0f}%", f"{run.per_change('reads'):.1f}",
                      f"{run.per_change('total_commands'):.1f}", num(run.per_change("net_in")),
-                     num(run.per_change("net_out")), num(capacity), num(run.rss_mb)])
+                     num(run.per_change("net_out")), num(capacity), f"{d.worker_cpu / d.changes * 1000:.1f}",
+                     f"{d.worker_cpu / d.seconds:.2f}", num(run.rss_mb)])
         model.append(f"- {label}: one Redis core serves at most ≈ **{capacity:,.0f} changes/s** "
                      f"({capacity * len(run.providers):,.0f} jobs/s) = 1 / {cpu * 1e6:,.0f} µs of Redis CPU per "
                      f"change; this run reached {d.changes_per_s:,.0f} changes/s with Redis {busy * 100:.0f}% busy, "
@@ -1246,7 +1288,8 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
         "",
         table(["providers", "workers x threads", "changes/s", "jobs/s", "Redis CPU s per 1,000 changes",
                "Redis busy", "round trips per change", "commands per change", "bytes in per change",
-               "bytes out per change", "changes/s one Redis core could serve", "peak RSS MB (all workers)"], rows),
+               "bytes out per change", "changes/s one Redis core could serve", "worker CPU ms per change",
+               "workers busy (cores)", "peak RSS MB (all workers)"], rows),
         "",
         "Per change = the workers' part (staged batch released to warm workers, to the last job final) + the "
         "receiver's part (a batch sent with no worker running). Redis CPU = `INFO cpu` used_cpu_sys + "
