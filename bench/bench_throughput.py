@@ -732,6 +732,78 @@ def clientsync_drain(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequen
                  cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
 
 
+def script_names() -> dict[str, str]:
+    """SHA1 -> `module.NAME` of every Lua script clientsync's modules hold as a module-level string."""
+    import hashlib
+    import importlib
+    import pkgutil
+
+    import tasks
+    import worker
+
+    names = {hashlib.sha1(text.encode()).hexdigest(): f"bench poll ({attr})"  # noqa: S324 - Redis's script id
+             for attr, text in (("FINAL_SUM", Meter.FINAL_SUM), ("BACKLOG", Meter.BACKLOG))}
+    for package in (worker, tasks):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            try:
+                module = importlib.import_module(info.name)
+            except Exception:  # noqa: S112 - a module that cannot be imported here holds no script we saw
+                continue
+            for attr, value in vars(module).items():
+                if isinstance(value, str) and "redis.call" in value:
+                    names[hashlib.sha1(value.encode()).hexdigest()] = f"{info.name}.{attr}"  # noqa: S324
+    return names
+
+
+@dataclass
+class ScriptSample:
+    jobs: int
+    requests: Counter[str]  # EVALSHA by script name, other commands by name: what clients sent
+
+
+def script_sample(stack: Stack, meter: Meter, workers: Sequence[str], providers: Sequence[str], n: int, tag: str,
+                  args: argparse.Namespace) -> ScriptSample:
+    """Which scripts and commands the workers send per job: MONITOR over a separate small batch.
+
+    MONITOR slows Redis down, so this batch is never one a rate is measured on. The bench's own
+    connection is left out; commands run inside scripts are not requests and are left out too.
+    """
+    names = script_names()
+    own_port = meter.conn.sock.getsockname()[1]
+    requests: Counter[str] = Counter()
+    started, stopping = threading.Event(), threading.Event()
+    client = redis.Redis.from_url(stack.redis_url)
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            started.set()
+            for entry in monitor.listen():
+                if stopping.is_set():
+                    return
+                if entry.get("client_type") == "lua" or int(entry.get("client_port") or 0) == own_port:
+                    continue
+                parts = str(entry["command"]).split(" ")
+                name = parts[0].upper()
+                requests[f"EVALSHA {names.get(parts[1], parts[1][:12])}" if name == "EVALSHA" and len(parts) > 1
+                         else name] += 1
+
+    thread = threading.Thread(target=watch, name="monitor", daemon=True)
+    thread.start()
+    require(started.wait(10), "MONITOR did not start")
+    changes = make_changes(tag, n)
+    staging = f"bench:staging:{tag}"
+    meter.stage(staging, sync_messages(changes))
+    base = meter.final_count(providers)
+    time.sleep(0.2)
+    meter.release(staging, QUEUE)
+    wait_final(meter, stack, workers, providers, base + n * len(providers), args.timeout, args.poll_ms / 1000)
+    stopping.set()
+    meter.call("PING")  # one more line for the monitor to read, so it sees `stopping`
+    thread.join(10)
+    client.close()
+    return ScriptSample(n * len(providers), requests)
+
+
 def idle_usage(meter: Meter, seconds: float) -> Usage:
     """What Redis sees from idle workers (heartbeats, blocking pops timing out, reapers, parking polls)."""
     before = meter.snapshot()
@@ -975,6 +1047,7 @@ class LatencyRun:
     calls_by_method: dict[str, Counter[str]]
     overhead_p50_ms: float
     overhead_p99_ms: float
+    overhead_p99_by_provider: dict[str, float]
 
 
 def latency_phase(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[str], providers: Sequence[str],
@@ -999,9 +1072,11 @@ def latency_phase(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[
         by_method[p] = Counter(route(p, c) for c in new)
     latencies = [u - rcv for u, rcv in zip(rows.updated, rows.received, strict=True)]
     overheads = [lat - latency_ms / 1000 * per_job[p] for lat, p in zip(latencies, rows.providers, strict=True)]
+    by_provider = {p: percentile([o for o, q in zip(overheads, rows.providers, strict=True) if q == p], 99) * 1000
+                   for p in providers}
     return LatencyRun(latency_ms, rate, len(latencies), statistics.median(latencies) * 1000,
                       percentile(latencies, 99) * 1000, per_job, by_method,
-                      statistics.median(overheads) * 1000, percentile(overheads, 99) * 1000)
+                      statistics.median(overheads) * 1000, percentile(overheads, 99) * 1000, by_provider)
 
 
 @dataclass
@@ -1014,6 +1089,7 @@ class ClientsyncRun:
     latency: LatencyRun
     rss_mb: float
     hwm_mb: float
+    sample: ScriptSample | None
 
 
 def cmd_e2e(args: argparse.Namespace) -> list[str]:
@@ -1056,10 +1132,13 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
             rate = args.load * drain.changes_per_s
             lat = latency_phase(stack, meter, r, workers, providers, latency_ms, latency_n, rate, f"{tag}l", args)
             rss, hwm = sampler.finish()
+            sample = script_sample(stack, meter, workers, providers, args.script_sample, f"{tag}s", args) \
+                if args.script_sample else None
             problems = log_problems(stack, workers)
             stop(stack, workers)
             require(not problems, "the worker logged errors:\n" + "\n".join(problems[:20]))
-            runs.append(ClientsyncRun(latency_ms, drain, receiver, len(receiver_changes), idle, lat, rss, hwm))
+            runs.append(ClientsyncRun(latency_ms, drain, receiver, len(receiver_changes), idle, lat, rss, hwm,
+                                      sample))
     return report_e2e(args, n, noop, (noop_rss, noop_hwm), runs, redis_version)
 
 
@@ -1112,9 +1191,13 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
                 num(run.latency.overhead_p50_ms), num(run.latency.overhead_p99_ms)] for run in runs]),
         "",
         "Overhead of a job = its receipt -> applied time minus (sandbox latency x the mean number of calls its "
-        "provider's jobs made in the run, from the sandbox's call log: no per-job count exists).",
+        "provider's jobs made in the run, from the sandbox's call log: no per-job count exists). Where a "
+        "provider's calls per job vary (LSP.expert reads every page of clients, so later jobs make more calls), "
+        "the mean over- or under-counts single jobs: read its row with that in mind.",
     ]
     for run in runs:
+        out.append(f"- {run.latency_ms:g} ms, overhead p99 by provider (ms): " + ", ".join(
+            f"{prov} {v:.0f}" for prov, v in run.latency.overhead_p99_by_provider.items()))
         out.append(f"- {run.latency_ms:g} ms, calls by route: " + "; ".join(
             f"{prov}: " + ", ".join(f"{route} x{c / run.latency.jobs * p:.2f}" for route, c in methods.items())
             for prov, methods in run.latency.calls_by_method.items()))
@@ -1145,6 +1228,15 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
     names = list(dict.fromkeys(name for t in tops for name in t))
     out.append(table(["command"] + [f"per job @ {run.latency_ms:g} ms" for run in runs],
                      [[name] + [f"{t.get(name, 0):.2f}" for t in tops] for name in names]))
+    sampled = [run for run in runs if run.sample is not None]
+    if sampled:
+        rates = [{k: v / run.sample.jobs for k, v in run.sample.requests.items()} for run in sampled if run.sample]
+        keys_seen = sorted({k for rate in rates for k in rate}, key=lambda k: -max(rate.get(k, 0) for rate in rates))
+        out += ["", f"Requests per job by script and command (MONITOR on a separate batch of {args.script_sample} "
+                "changes per run, no rate measured on it; scripts by their module-level name in worker/ and tasks/):",
+                "", table(["request"] + [f"per job @ {run.latency_ms:g} ms" for run in sampled],
+                          [[k] + [f"{rate.get(k, 0):.2f}" for rate in rates] for k in keys_seen
+                           if max(rate.get(k, 0) for rate in rates) >= 0.01])]
     retried = [run.drain.retried for run in runs]
     out += ["", f"checks: every job succeeded (ledger state and counters), none dead, retries {sum(retried)}; "
             f"no-op: Celery's own count of tasks run (`inspect stats`) = {noop.tasks:,}, no error logged",
@@ -1351,6 +1443,8 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "--warmup": dict(type=int, default=100, help="changes before the measured batch (e2e: sent through the "
                                                      "receiver to measure its Redis cost)"),
         "--idle-seconds": dict(type=float, default=3.0, help="idle-worker window for the background traffic"),
+        "--script-sample": dict(type=int, default=20, help="changes in the MONITOR batch that breaks requests "
+                                                           "down by script (0 = skip)"),
     },
     "naive": {
         "--n": None, "--warmup": None,
@@ -1393,7 +1487,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], list[str]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("n", "warmup", "idle_seconds", "receiver_n", "noop_n", "latency_n"):
+    for name in ("n", "warmup", "idle_seconds", "receiver_n", "noop_n", "latency_n", "script_sample"):
         if not hasattr(args, name):
             setattr(args, name, _spec("--" + name.replace("_", "-")).get("default"))
     todo = list(COMMANDS) if args.command == "all" else [args.command]
