@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps run test lint demo sandbox bench clean
+.PHONY: setup system-deps run test lint demo sandbox bench bench-throughput clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_e2e.py
+
+# Issue 10: clientsync side by side with its baselines (docs/benchmarks.md, "Throughput (issue 10)").
+# Run on a quiet machine. Needs wrk (installed here when run as root). Extra flags: BENCH_ARGS="...".
+BENCH_ARGS ?=
+bench-throughput: $(STAMP)
+	@if ! command -v wrk >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "wrk is missing: run 'sudo apt-get install -y wrk'" >&2; exit 1; fi; \
+	fi
+	$(BIN)/python bench/bench_throughput.py all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
