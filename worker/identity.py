@@ -65,23 +65,26 @@ async def exact_matches(adapter: ProviderAdapter, client: Client) -> list[Remote
     return list(found.values())
 
 
+async def _similar(adapter: ProviderAdapter, client: Client) -> list[RemoteClient]:
+    """Records sharing any of `client`'s non-unique keys (one search each, or one pass where
+    the adapter reads a single unfiltered list: `ProviderAdapter.search_any`)."""
+    searches = [(key, value) for key in adapter.identity.similar if (value := field_value(client, key))]
+    return await adapter.search_any(searches) if searches else []
+
+
 async def lookalikes(adapter: ProviderAdapter, client: Client, *, since: float | None) -> list[RemoteClient]:
     """After an unclear create: records by non-unique fields that carry the whole payload sent,
     created at or after `since` (unix seconds of the recorded intent), stamped by nobody else."""
-    found: dict[str, RemoteClient] = {}
-    for key in adapter.identity.similar:
-        value = field_value(client, key)
-        if not value:
+    found = []
+    for remote in await _similar(adapter, client):
+        if adapter.stamped(remote) not in (None, client.id):
             continue
-        for remote in await adapter.search(key, value):
-            if adapter.stamped(remote) not in (None, client.id):
-                continue
-            created = adapter.created_at(remote)
-            if since is not None and created is not None and created < since - CLOCK_SKEW_SECONDS:
-                continue
-            if adapter.same_payload(remote, client):
-                found.setdefault(remote.id, remote)
-    return list(found.values())
+        created = adapter.created_at(remote)
+        if since is not None and created is not None and created < since - CLOCK_SKEW_SECONDS:
+            continue
+        if adapter.same_payload(remote, client):
+            found.append(remote)
+    return found
 
 
 async def namesakes(adapter: ProviderAdapter, client: Client, *, before: float) -> list[RemoteClient]:
@@ -90,15 +93,11 @@ async def namesakes(adapter: ProviderAdapter, client: Client, *, before: float) 
     provider does not say count too): possibly this client, made by hand before clientsync
     ran. An operator decides. Records created since are clientsync's own: linked to their
     client, or settled by their create's intent."""
-    found: dict[str, RemoteClient] = {}
-    for key in adapter.identity.similar:
-        value = field_value(client, key)
-        if not value:
+    found = []
+    for remote in await _similar(adapter, client):
+        if adapter.stamp_field is not None and adapter.stamped(remote) is not None:
             continue
-        for remote in await adapter.search(key, value):
-            if adapter.stamp_field is not None and adapter.stamped(remote) is not None:
-                continue
-            created = adapter.created_at(remote)
-            if created is None or created < before - CREATED_RESOLUTION_SECONDS:
-                found.setdefault(remote.id, remote)
-    return list(found.values())
+        created = adapter.created_at(remote)
+        if created is None or created < before - CREATED_RESOLUTION_SECONDS:
+            found.append(remote)
+    return found

@@ -21,7 +21,7 @@ from worker.errors import (
     ProviderValidationError,
     RateLimitedError,
 )
-from worker.identity import lookalikes
+from worker.identity import lookalikes, namesakes
 from worker.models import Address, Client, Contact
 from worker.providers.lsp_expert import LSPExpert
 from worker.sandbox.base import Faults
@@ -537,3 +537,22 @@ async def test_every_create_write_under_the_three_unclear_endings_leaves_one_rec
     assert len(sim.clients) == 2
     got = adapter.from_wire((await adapter.update(found[0].id, client)).data)
     assert (got.status, got.email, len(got.contacts)) == ("archived", client.email, 2)
+
+
+async def test_a_lookup_by_email_and_name_reads_each_page_once(lsp: Setup) -> None:
+    """No list filter exists, so every search reads the whole account: the similar-key lookup
+    (`worker.identity`) asks for email and name together and the adapter makes one pass."""
+    adapter, sim = lsp
+    by_email = acme(id="e", name="Other Name", email="shared@acme.example")
+    by_name = acme(id="n", name="Shared Name", email="someone@else.example")
+    await adapter.create(by_email)
+    await adapter.create(by_name)
+    for i in range(150):  # two pages of 100
+        sim.clients[f"filler{i}"] = {**next(iter(sim.clients.values())), "id": f"filler{i}", "name": f"F {i}",
+                                     "contacts": []}
+    sim.calls.clear()
+    wanted = acme(id="w", name="Shared Name", email="shared@acme.example")
+    found = await namesakes(adapter, wanted, before=time.time() + 60)
+    assert sorted(adapter.from_wire(r.data).display_name or "" for r in found) == ["Other Name", "Shared Name"]
+    pages = [c.path for c in sim.calls if c.method == "GET"]
+    assert len(pages) == 2 and len(set(pages)) == 2, pages  # page 1 and page 2, once each

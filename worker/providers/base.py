@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -316,6 +316,16 @@ class ProviderAdapter(ABC):
         for `stamp_value(value)`). An answer of an unknown shape raises
         `PermanentError`, never an empty list."""
         raise NotImplementedError(f"{self.name} declares no searchable identity keys")
+
+    async def search_any(self, searches: Sequence[tuple[str, str]]) -> list[RemoteClient]:
+        """Records matching any of the `(key, value)` searches, each once, in the order found.
+        One `search` per pair here; an adapter whose searches all read the same list (no API
+        filter) overrides this with a single pass."""
+        found: dict[str, RemoteClient] = {}
+        for key, value in searches:
+            for remote in await self.search(key, value):
+                found.setdefault(remote.id, remote)
+        return list(found.values())
 
     def stamp_value(self, client_id: str) -> str:
         """What the stamp field holds for `client_id` (written on create and update, searched exactly)."""

@@ -48,7 +48,7 @@ unknown body fields are rejected.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -280,20 +280,25 @@ class LSPExpert(ProviderAdapter):
 
     async def search(self, key: str, value: str) -> list[RemoteClient]:
         """No list filter is documented: every page is read and matched exactly here."""
+        return await self.search_any([(key, value)])
+
+    async def search_any(self, searches: Sequence[tuple[str, str]]) -> list[RemoteClient]:
+        """Every search reads the same pages (no filter): one pass serves them all."""
+        tests = [t for key, value in searches if (t := self._matcher(key, value)) is not None]
+        if not tests:
+            return []
+        return [r async for r in self.list() if any(t(r) for t in tests)]
+
+    def _matcher(self, key: str, value: str) -> Callable[[RemoteClient], bool] | None:
+        """The exact test for one search (None: nothing can match, e.g. no stamp field)."""
         want = value.strip()
         if key == "stamp":
-            field_name = self.stamp_field
-            if field_name is None:
-                return []
-            return [r async for r in self.list() if self.stamped(r) == want]
+            return None if self.stamp_field is None else (lambda r: self.stamped(r) == want)
         if key == "email":
             folded = want.casefold()
-            return [
-                r async for r in self.list()
-                if any(str(c.get("email") or "").strip().casefold() == folded for c in _contacts_of(r.data))
-            ]  # fmt: skip
+            return lambda r: any(str(c.get("email") or "").strip().casefold() == folded for c in _contacts_of(r.data))
         if key == "name":
-            return [r async for r in self.list() if wire_text(r.data.get("name")) == want]
+            return lambda r: wire_text(r.data.get("name")) == want
         raise ValueError(f"{self.name} cannot search by {key!r}")
 
     async def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:
