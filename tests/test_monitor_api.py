@@ -454,8 +454,7 @@ async def redis_now_ms(r: aioredis.Redis) -> float:
 async def write_beat(r: aioredis.Redis, worker: str, *, age: float, every: float) -> None:
     """A heartbeat written straight into Redis, `age` seconds old by Redis's clock."""
     now = await redis_now_ms(r)
-    await r.hset(keys.heartbeat(worker), mapping={"at_ms": int(now - age * 1000), "every": repr(every)})
-    await r.expire(keys.heartbeat(worker), 3600)
+    await r.hset(keys.HEARTBEATS, worker, f"{int(now - age * 1000)} {every!r}")
 
 
 async def test_a_heartbeat_with_an_old_timestamp_is_not_live_and_readyz_names_its_worker(
@@ -465,7 +464,8 @@ async def test_a_heartbeat_with_an_old_timestamp_is_not_live_and_readyz_names_it
     await write_beat(r, "host:1:old", age=2 * every + 5, every=every)
     await write_beat(r, "host:2:recent", age=2 * every - 5, every=every)
     await write_beat(r, "host:3:quick", age=2 * every - 5, every=1.0)  # same age, beats every second: silent
-    await r.set(keys.heartbeat("host:4:legacy"), "1", ex=3600)  # not a heartbeat of this format: ignored
+    await r.hset(keys.HEARTBEATS, "host:4:legacy", "1")  # not a heartbeat of this format: ignored
+    await write_beat(r, "host:5:gone", age=30 * every + 5, every=every)  # past KEEP_BEATS: as if gone
     resp = await api.get("/readyz")
     body = await resp.json()
     assert resp.status == 200 and body["workers"] == ["host:2:recent"] and body["missing"] == []
@@ -477,13 +477,13 @@ async def test_a_heartbeat_with_an_old_timestamp_is_not_live_and_readyz_names_it
     assert beats["host:3:quick"]["live"] is False and beats["host:3:quick"]["live_within_seconds"] == 2
     conforms(spec, "Readiness", body)
 
-    await r.delete(keys.heartbeat("host:2:recent"))
+    await r.hdel(keys.HEARTBEATS, "host:2:recent")
     resp = await api.get("/readyz")
     body = await resp.json()
     assert resp.status == 503 and body["workers"] == []
     [missing] = body["missing"]
     assert "no worker is heartbeating" in missing and "host:1:old" in missing and "live within 20 s" in missing
-    assert "host:3:quick" in missing and "host:4:legacy" not in missing
+    assert "host:3:quick" in missing and "host:4:legacy" not in missing and "host:5:gone" not in missing
     conforms(spec, "Readiness", body)
 
     resp = await api.get("/monitor/summary", headers=AUTH)

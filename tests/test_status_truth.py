@@ -40,13 +40,13 @@ def test_a_cleanly_stopped_worker_removes_its_heartbeat_and_readyz_says_not_read
         stack.start_receiver()
         worker = stack.start_worker("worker0", concurrency=2)
         deadline = time.monotonic() + 60
-        while not client.keys(keys.HEARTBEAT_PATTERN) or readyz(stack.receiver_url) != 200:
+        while not client.hlen(keys.HEARTBEATS) or readyz(stack.receiver_url) != 200:
             assert time.monotonic() < deadline, "the worker never became ready"
             time.sleep(0.1)
         os.killpg(worker.pid, signal.SIGTERM)  # a clean stop (Celery's warm shutdown)
         assert worker.wait(60) == 0
         # The process is gone: its heartbeat is gone with it (not 30 s later).
-        assert client.keys(keys.HEARTBEAT_PATTERN) == []
+        assert client.hlen(keys.HEARTBEATS) == 0
         assert readyz(stack.receiver_url) == 503
     finally:
         client.close()
@@ -84,7 +84,7 @@ def test_a_killed_worker_stops_counting_once_its_heartbeat_is_stale_and_readyz_n
         # stale, not expired: the heartbeat is still there, listed as not live
         assert [(b["worker"], b["live"]) for b in body["heartbeats"]] == [(name, False)]
         assert body["heartbeats"][0]["age_seconds"] >= 2
-        assert client.exists(keys.heartbeat(name)) == 1
+        assert client.hexists(keys.HEARTBEATS, name)
     finally:
         client.close()
         stack.stop()

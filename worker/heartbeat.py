@@ -1,13 +1,14 @@
 """Worker heartbeats, for `GET /readyz` and the monitor summary: which workers are live, and how
 long since each was last heard from.
 
-Each worker process's runtime (`tasks.runtime`) writes `keys.heartbeat(owner)` every
-`CLIENTSYNC_HEARTBEAT_SECONDS`: a hash with the time of the beat (`at_ms`, Redis's clock, so
-the receiver and the workers need no common clock) and the process's interval (`every`). A
-worker is **live** while its last beat is younger than `FRESH_BEATS` of its own intervals
-(`fresh_within`): a SIGKILLed worker stops counting after two missed beats, whatever the key's
-TTL. The key outlives that (`KEEP_BEATS` intervals) so readiness can still name the worker that
-went silent; a clean stop deletes it at once.
+Each worker process's runtime (`tasks.runtime`) writes its field of `keys.HEARTBEATS` every
+`CLIENTSYNC_HEARTBEAT_SECONDS`: the time of the beat (Redis's clock, so the receiver and the
+workers need no common clock) and the process's interval. A worker is **live** while its last
+beat is younger than `FRESH_BEATS` of its own intervals (`fresh_within`): a SIGKILLed worker
+stops counting after two missed beats. Its entry is kept `KEEP_BEATS` intervals, so readiness
+can still name the worker that went silent, then dropped (by the next beat of any worker, and
+never listed by a reader); a clean stop removes it at once. One hash, not a key per worker:
+readiness reads every heartbeat in one round trip instead of scanning the keyspace.
 """
 
 from __future__ import annotations
@@ -37,11 +38,19 @@ def fresh_within(every: float) -> float:
     return FRESH_BEATS * every
 
 
-# KEYS: the heartbeat; ARGV: interval (s), key TTL (ms). DEL first: an older format is replaced.
+# KEYS: the heartbeats hash; ARGV: worker, interval (s), KEEP_BEATS. Drops the entries of
+# workers silent for longer than KEEP_BEATS of their own intervals (and any unreadable one).
 _BEAT = NOW_LUA + """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'at_ms', now_ms(''), 'every', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local now = now_ms('')
+redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. ARGV[2])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local at, every = string.match(all[i + 1], '^(%S+) (%S+)$')
+  at, every = tonumber(at), tonumber(every)
+  if not at or not every or now - at > tonumber(ARGV[3]) * every * 1000 then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
 return 1
 """
 
@@ -56,8 +65,7 @@ class Heartbeat:
         self._beat = redis.register_script(_BEAT)
 
     async def beat_once(self) -> None:
-        await self._beat(keys=[keys.heartbeat(self.worker)],
-                         args=[repr(float(self.every)), int(KEEP_BEATS * self.every * 1000)])
+        await self._beat(keys=[keys.HEARTBEATS], args=[self.worker, repr(float(self.every)), KEEP_BEATS])
 
     async def run(self) -> None:
         while True:
@@ -69,7 +77,7 @@ class Heartbeat:
 
     async def forget(self) -> None:
         """A clean stop: /readyz and the summary stop counting this worker at once."""
-        await self.redis.delete(keys.heartbeat(self.worker))
+        await self.redis.hdel(keys.HEARTBEATS, self.worker)
 
 
 @dataclass(frozen=True)
@@ -98,26 +106,20 @@ def _text(value: Any) -> str:
 
 
 async def read(redis: aioredis.Redis) -> list[Seen]:
-    """Every heartbeat in Redis, live ones first, each group youngest first. A key that is not a
-    heartbeat of this format (or is gone by the time it is read) is left out."""
-    names = [key async for key in redis.scan_iter(match=keys.HEARTBEAT_PATTERN, count=5000)]
+    """Every heartbeat, live ones first, each group youngest first (one round trip). An entry
+    that is unreadable, or older than KEEP_BEATS of its worker's intervals, is left out."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
-        for name in names:
-            pipe.hmget(name, ["at_ms", "every"])
-        replies = await pipe.execute(raise_on_error=False)
-    seconds, micros = replies[0]
+        pipe.hgetall(keys.HEARTBEATS)
+        (seconds, micros), entries = await pipe.execute()
     now_ms = seconds * 1000 + micros / 1000
-    prefix = keys.heartbeat("")
     seen: list[Seen] = []
-    for name, reply in zip(names, replies[1:], strict=True):
-        if isinstance(reply, Exception) or reply[0] is None or reply[1] is None:
-            continue
+    for name, value in entries.items():
         try:
-            at_ms, every = float(reply[0]), float(reply[1])
+            at_ms, every = (float(part) for part in _text(value).split(" "))
         except ValueError:
             continue
-        if every <= 0:
-            continue
-        seen.append(Seen(_text(name)[len(prefix):], max(0.0, (now_ms - at_ms) / 1000), every))
+        age = max(0.0, (now_ms - at_ms) / 1000)
+        if every > 0 and age <= KEEP_BEATS * every:
+            seen.append(Seen(_text(name), age, every))
     return sorted(seen, key=lambda s: (not s.live, s.age_seconds, s.worker))

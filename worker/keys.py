@@ -95,12 +95,8 @@ AUDIT_MAX = 1000
 #: sorted set of parked retries (JSON task payloads) scored by due time (ms)
 DELAYED = f"{PREFIX}delayed"
 
-#: worker heartbeat keys (one per worker process): hash at_ms, every (see worker.heartbeat)
-def heartbeat(worker: str) -> str:
-    return f"{PREFIX}hb:{worker}"
-
-
-HEARTBEAT_PATTERN = f"{PREFIX}hb:*"
+#: hash of worker heartbeats: worker process -> "<at_ms> <every>" (see worker.heartbeat)
+HEARTBEATS = f"{PREFIX}heartbeats"
 
 
 # --- monitoring: ledger indexes and shared counters (worker.ledger, worker.monitor, worker.metrics) ---
