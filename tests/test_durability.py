@@ -65,3 +65,36 @@ async def test_the_receiver_answers_503_when_it_cannot_keep_the_promise(fresh_re
         r = aioredis.from_url(fresh_redis_url)
         assert await r.llen("celery") == 0
         await r.aclose()
+
+
+async def test_a_burst_of_first_webhooks_checks_support_once(r: aioredis.Redis,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from worker import producer as producer_module
+
+    checks: list[int] = []
+    real = producer_module.aof_supported
+
+    async def counted(conn: aioredis.Redis) -> tuple[bool, str]:
+        checks.append(1)
+        return await real(conn)
+
+    monkeypatch.setattr(producer_module, "aof_supported", counted)
+    producer = Producer(r, queue="celery", event_ttl=60, durability=DurableWrites("auto"))
+    results = await asyncio.gather(*(
+        producer.enqueue(ClientChange.model_validate(change(f"b{i}", f"c-{i}")), received_at=time.time())
+        for i in range(50)))
+    assert [x.status for x in results] == ["queued"] * 50 and await r.llen("celery") == 50
+    assert len(checks) == 1
+
+
+async def test_warming_up_loads_the_script_and_settles_durability(r: aioredis.Redis) -> None:
+    from worker.producer import _CLAIM_AND_PUSH
+
+    await r.script_flush()
+    producer = Producer(r, queue="celery", event_ttl=60, durability=DurableWrites("auto"))
+    await producer.warm()
+    assert await r.script_exists(producer._claim_and_push.sha) == [True]
+    assert producer._claim_and_push.script == _CLAIM_AND_PUSH
+    assert producer.durability._use_waitaof is not None

@@ -9,6 +9,7 @@ shared/external/celery-redis-messages/ and Celery's docs/internals/protocol.rst)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -120,13 +121,15 @@ class DurableWrites:
     """After a push, wait until Redis has fsynced it to its AOF, if the setting asks for it.
 
     `WAITAOF 1 0 timeout` covers the writes of the connection it runs on, so the caller runs it
-    on the connection that pushed. Support is checked once (INFO), and again after an error.
+    on the connection that pushed. Support is checked once (INFO), and again after an error:
+    one check at a time, however many webhooks arrive while it runs.
     """
 
     def __init__(self, mode: Durability = "auto", *, timeout_seconds: float = 2.0) -> None:
         self.mode = mode
         self.timeout_ms = max(1, int(timeout_seconds * 1000))
         self._use_waitaof: bool | None = None
+        self._deciding = asyncio.Lock()
 
     async def prepare(self, conn: aioredis.Redis) -> None:
         """Before a push: fail (NotDurable) if the setting cannot be met, so nothing is queued for a 503."""
@@ -136,14 +139,16 @@ class DurableWrites:
         if self._use_waitaof is None:
             if self.mode == "none":
                 self._use_waitaof = False
-            else:
-                ok, why = await aof_supported(conn)
-                if not ok and self.mode == "aof":
-                    raise NotDurable(f"CLIENTSYNC_DURABILITY=aof needs Redis 7.2+ with appendonly yes: {why}")
-                self._use_waitaof = ok
-                log.info("durability %s: %s", self.mode, f"2xx after WAITAOF ({why})" if ok else
-                         f"2xx once in Redis's memory ({why})")
-        return self._use_waitaof
+                return False
+            async with self._deciding:
+                if self._use_waitaof is None:  # another request may have decided while we waited
+                    ok, why = await aof_supported(conn)
+                    if not ok and self.mode == "aof":
+                        raise NotDurable(f"CLIENTSYNC_DURABILITY=aof needs Redis 7.2+ with appendonly yes: {why}")
+                    self._use_waitaof = ok
+                    log.info("durability %s: %s", self.mode, f"2xx after WAITAOF ({why})" if ok else
+                             f"2xx once in Redis's memory ({why})")
+        return bool(self._use_waitaof)
 
     async def wait(self, conn: aioredis.Redis) -> None:
         """Return once this connection's writes are as durable as the setting asks; else raise NotDurable."""
@@ -172,6 +177,17 @@ class Producer:
         self.event_ttl = event_ttl
         self.durability = durability or DurableWrites("none")
         self._claim_and_push = redis.register_script(_CLAIM_AND_PUSH)
+
+    async def warm(self) -> None:
+        """At start-up: load the script and settle the durability check once, so the first burst
+        of webhooks does not each pay a NOSCRIPT reload and an INFO. Best effort: with Redis
+        away, the first webhooks do it (and answer 503 until Redis is back)."""
+        try:
+            await self.redis.script_load(_CLAIM_AND_PUSH)
+            async with self.redis.client() as conn:
+                await self.durability.prepare(conn)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not prepare the receiver's Redis scripts at start-up: %s", exc)
 
     async def enqueue(self, change: ClientChange, *, received_at: float) -> Enqueued:
         """Queue `change` unless its event id was seen (then: a duplicate, or a conflict if the

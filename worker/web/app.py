@@ -36,6 +36,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         app[PRODUCER] = Producer(client, queue=settings.queue, event_ttl=settings.event_ttl_seconds,
                                  durability=DurableWrites(settings.durability,
                                                           timeout_seconds=settings.durability_timeout_seconds))
+        await app[PRODUCER].warm()
         yield
         await client.aclose()
 
