@@ -13,13 +13,18 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
 import redis
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 
+from tests.monitor_fixtures import MakeClient
 from worker.launcher import Stack
+from worker.ledger import Ledger
 from worker.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +91,30 @@ def fresh_redis_url(redis_server_url: str) -> str:
     """The session's Redis, flushed: a test that needs an empty database."""
     redis.Redis.from_url(redis_server_url).flushdb()
     return redis_server_url
+
+
+# --- the monitor API tests (test_monitor_api, test_monitor_client_api); a module's own `r` or
+# `api` fixture (e.g. test_ledger, test_intake_web) takes precedence over these -----------------
+@pytest.fixture
+async def r(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client (str replies) of the flushed Redis."""
+    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def ledger(r: aioredis.Redis) -> Ledger:
+    return Ledger(r)
+
+
+@pytest.fixture
+async def api(aiohttp_client: MakeClient, fresh_redis_url: str) -> TestClient[Any, Any]:
+    """The real receiver app with the monitor token set (tests.monitor_fixtures.AUTH), on the flushed Redis."""
+    from tests.monitor_fixtures import settings
+    from worker.web.app import create_app  # here: only the tests that use it import the web app
+
+    return await aiohttp_client(create_app(settings(), fresh_redis_url))
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

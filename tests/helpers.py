@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,9 @@ from worker import heartbeat, keys
 from worker.web.signatures import decode_secret, sign
 
 FINAL = {"succeeded", "skipped", "dead"}
+#: the three unclear endings of a write, as sandbox fault counters (worker.sandbox.base.Faults):
+#: a 5xx after applying it, the connection dropped after applying it, applied after the caller gave up
+ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
 
 
 def change(
@@ -85,6 +88,14 @@ async def wait_jobs(redis_url: str, job_ids: Iterable[str], *, timeout: float = 
             await asyncio.sleep(0.2)
     finally:
         await client.aclose()
+
+
+async def wait_for(check: Callable[[], bool], what: str, *, timeout: float = 20.0) -> None:
+    """Wait (generous deadline) for a condition, e.g. a late write to land."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 async def sandbox_clients(session: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:

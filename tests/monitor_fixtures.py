@@ -1,11 +1,14 @@
-"""Helpers for the monitoring tests: ledger jobs in chosen states, a receiver app, headers."""
+"""Helpers for the monitoring tests: ledger jobs in chosen states, a receiver app, headers. (The
+`r`, `ledger` and `api` fixtures of the monitor API tests are in tests/conftest.py.)"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange
@@ -14,6 +17,8 @@ from worker.settings import Settings
 TOKEN = "test-monitor-token-0123456789-abcdefghij"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: the type of pytest-aiohttp's `aiohttp_client` fixture
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 def make_change(event_id: str, client_id: str = "c1", *, email: str | None = None, **client: Any) -> ClientChange:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from tests.helpers import ENDINGS
 from worker.errors import Busy, NeedsAttention, PermanentError, ProviderUnavailable
 from worker.identity import exact_keys
 from worker.models import Client, ClientChange
@@ -28,7 +29,6 @@ PROVIDERS = ["invoice_ninja", "grow_crm", "lsp_expert", "qonto", "request_financ
 WITH_DELETE = [p for p in PROVIDERS if p != "request_finance"]
 #: providers whose create needs no email (a client known by its name alone)
 NAME_ONLY = [p for p in PROVIDERS if p not in ("grow_crm", "request_finance")]
-ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import change
+from tests.helpers import ENDINGS, change
 from worker import keys
 from worker.errors import Busy, LeaseLost, ProviderUnavailable
 from worker.models import ClientChange
@@ -120,7 +120,7 @@ async def test_an_update_that_lands_after_we_gave_up_never_overwrites_a_newer_on
     assert await world.held_name("c1") == "Newest update"
 
 
-@pytest.mark.parametrize("ending", ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"])
+@pytest.mark.parametrize("ending", ENDINGS)
 @pytest.mark.parametrize("world", WITH_DELETE, indirect=True)
 async def test_a_delete_whose_answer_was_lost_then_a_newer_upsert_brings_the_client_back(
     world: World, ending: str

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,32 +14,13 @@ from aiohttp.test_utils import TestClient
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
-from tests.monitor_fixtures import AUTH, TOKEN, info_commandstats, make_job, settings
+from tests.monitor_fixtures import AUTH, TOKEN, MakeClient, info_commandstats, make_job, settings
 from worker import keys
 from worker.heartbeat import Heartbeat
 from worker.ledger import Ledger
 from worker.monitor import APPLY_TASK, decode_cursor, encode_cursor
 from worker.settings import Settings
 from worker.web.app import create_app
-
-MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-@pytest.fixture
-async def r(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def ledger(r: aioredis.Redis) -> Ledger:
-    return Ledger(r)
-
-
-@pytest.fixture
-async def api(aiohttp_client: MakeClient, fresh_redis_url: str) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(settings(), fresh_redis_url))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,31 +13,11 @@ import yaml
 from aiohttp.test_utils import TestClient
 from openapi_schema_validator import OAS30Validator
 
-from tests.monitor_fixtures import AUTH, make_change, make_job, settings
+from tests.monitor_fixtures import AUTH, make_change, make_job
 from worker import keys
 from worker import monitor as monitor_mod
 from worker.ledger import Attempt, Ledger
 from worker.models import PROVIDER_NAMES
-from worker.web.app import create_app
-
-MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-@pytest.fixture
-async def r(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def ledger(r: aioredis.Redis) -> Ledger:
-    return Ledger(r)
-
-
-@pytest.fixture
-async def api(aiohttp_client: MakeClient, fresh_redis_url: str) -> TestClient[Any, Any]:
-    return await aiohttp_client(create_app(settings(), fresh_redis_url))
 
 
 def conforms(schema: str, instance: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.helpers import ENDINGS
 from tests.providers.conftest import StartSandbox, make_adapter
 from worker.errors import (
     AuthError,
@@ -268,7 +269,7 @@ async def test_mapping_round_trip_keeps_what_the_provider_holds(env: Env, case: 
     assert_core_survives(env.name, client, await env.round_trip(client))
 
 
-@pytest.mark.parametrize("ending", ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"])
+@pytest.mark.parametrize("ending", ENDINGS)
 async def test_the_three_unclear_endings_of_a_create_apply_it_and_raise_transient(
     env: Env, ending: str, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Callable
@@ -11,13 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.providers.conftest import StartSandbox, make_adapter
+from tests.helpers import ENDINGS
+from tests.providers.conftest import StartSandbox, make_adapter, unclear_write
 from worker.errors import (
     AuthError,
     LocalValidationError,
     NotFound,
     PermanentError,
-    ProviderUnavailable,
     ProviderValidationError,
     RateLimitedError,
 )
@@ -29,7 +28,6 @@ from worker.sandbox.lsp_expert import _CREATE_FIELDS, _UPDATE_ONLY, LSPExpertSan
 from worker.sandbox.server import RunningSandbox
 
 Setup = tuple[LSPExpert, LSPExpertSandbox]
-ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
 
 
 @pytest.fixture
@@ -66,14 +64,6 @@ def writes(sim: LSPExpertSandbox, remote_id: str) -> list[str]:
     """The write calls made so far, as "METHOD /suffix" after /v2/clients/<id>."""
     prefix = f"/lsp_expert/v2/clients/{remote_id}"
     return [f"{c.method} {c.path.removeprefix(prefix)}" for c in sim.calls if c.method != "GET"]
-
-
-async def wait_for(check: Callable[[], bool], what: str) -> None:
-    """Wait (generous deadline) for a condition, e.g. a late write to land."""
-    deadline = time.monotonic() + 20
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 # --- auth and errors ------------------------------------------------------------------------
@@ -420,38 +410,6 @@ def test_unsupported_fields_names_what_lsp_expert_cannot_take() -> None:
 
 
 # --- the three unclear endings, on every write path ----------------------------------------
-async def _unclear(
-    sim: LSPExpertSandbox, ending: str, match: str, call: Any, landed: Callable[[], bool]
-) -> None:
-    """Arm one unclear ending on the first write whose "METHOD /path" contains `match`, run
-    `call`: it raises an unclear transient error, and the write lands (at once, or late)."""
-    sim.faults.hang_seconds = 1.0
-    sim.faults.write_match = match
-    setattr(sim.faults, ending, 1)
-    outcome: BaseException | None = None
-    try:
-        await call()
-    except ProviderUnavailable as exc:
-        outcome = exc
-    except NotFound:
-        # aiohttp resent the dropped DELETE (below) and the copy found the record gone.
-        assert ending == "drop_after_commit_next" and _resent(sim, "DELETE")
-    else:
-        # aiohttp resends an idempotent request (PUT, DELETE) once when a reused keep-alive
-        # connection drops (RFC 9112 section 9.3.1.1): the copy got a clean answer.
-        assert ending == "drop_after_commit_next" and (_resent(sim, "PUT") or _resent(sim, "DELETE"))
-    assert outcome is None or getattr(outcome, "unclear", False), "a 5xx/drop/timeout after a write is unclear"
-    await wait_for(landed, "the unclear write to land")
-    sim.faults.write_match = ""
-
-
-def _resent(sim: LSPExpertSandbox, method: str) -> bool:
-    dropped = [c for c in sim.calls if c.status == 0]
-    return len(dropped) == 1 and dropped[0].method == method and any(
-        c.method == method and c.path == dropped[0].path and c.at >= dropped[0].at and c.status
-        for c in sim.calls)  # fmt: skip
-
-
 @pytest.fixture
 async def quick(sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> Setup:
     adapter = make_adapter("lsp_expert", sandbox, session, monkeypatch, timeout=0.5)
@@ -485,8 +443,8 @@ async def test_every_update_write_under_the_three_unclear_endings_converges_on_r
     remote = await adapter.create(acme())
     match, change, landed = UPDATE_PATHS[path]
     wanted = change(acme())
-    await _unclear(sim, ending, match, lambda: adapter.update(remote.id, wanted),
-                   lambda: landed(sim.clients[remote.id]))
+    await unclear_write(sim, ending, match, lambda: adapter.update(remote.id, wanted),
+                        lambda: landed(sim.clients[remote.id]))
     again = await adapter.update(remote.id, wanted)
     sim.calls.clear()
     repeat = await adapter.update(remote.id, wanted)
@@ -505,7 +463,7 @@ async def test_a_delete_under_the_three_unclear_endings_is_gone_and_a_repeat_is_
 ) -> None:
     adapter, sim = quick
     remote = await adapter.create(acme())
-    await _unclear(sim, ending, "DELETE", lambda: adapter.delete(remote.id), lambda: sim.clients == {})
+    await unclear_write(sim, ending, "DELETE", lambda: adapter.delete(remote.id), lambda: sim.clients == {})
     with pytest.raises(NotFound):  # the sync layer counts a 404 on delete as deleted
         await adapter.delete(remote.id)
 
@@ -531,7 +489,7 @@ async def test_every_create_write_under_the_three_unclear_endings_leaves_one_rec
     client = acme(status="archived")
     since = time.time()
     match, landed = CREATE_PATHS[path]
-    await _unclear(sim, ending, match, lambda: adapter.create(client), lambda: landed(list(sim.clients.values())))
+    await unclear_write(sim, ending, match, lambda: adapter.create(client), lambda: landed(list(sim.clients.values())))
     found = await lookalikes(adapter, client, since=since)
     assert len(found) == 1
     assert len(sim.clients) == 2

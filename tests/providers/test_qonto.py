@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from tests.providers.conftest import StartSandbox, make_adapter
+from tests.helpers import ENDINGS
+from tests.providers.conftest import StartSandbox, make_adapter, unclear_write
 from worker import keys
 from worker.errors import (
     AuthError,
@@ -690,40 +691,27 @@ async def test_records_carry_their_creation_time(qonto: Setup) -> None:
     assert created is not None and before - 2 <= created <= time.time() + 2
 
 
-ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
-
-
-async def _unclear(
-    start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, ending: str, match: str
+async def _with_a_client(
+    start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Qonto, QontoSandbox, RemoteClient]:
+    """A sandbox of its own, an adapter with a short timeout (the late write outlasts it), one client."""
     sandbox = await start(["qonto"])
     adapter = make_adapter("qonto", sandbox, session, monkeypatch, timeout=0.5)
     sim = sandbox.simulators["qonto"]
     assert isinstance(adapter, Qonto) and isinstance(sim, QontoSandbox)
-    remote = await adapter.create(company())
-    setattr(sim.faults, ending, 1)
-    sim.faults.write_match, sim.faults.hang_seconds = match, 1.0
-    return adapter, sim, remote
-
-
-async def _settled(sim: QontoSandbox, check: Any) -> None:
-    deadline = time.monotonic() + 20
-    while not check():
-        assert time.monotonic() < deadline, "the late write never landed"
-        await asyncio.sleep(0.05)
+    return adapter, sim, await adapter.create(company())
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
 async def test_an_unclear_create_leaves_one_record_that_the_lookalike_search_finds(
     start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
-    adapter, sim, _ = await _unclear(start, session, monkeypatch, ending, "POST /qonto/v2/clients")
+    adapter, sim, _ = await _with_a_client(start, session, monkeypatch)
     intent = time.time()
     client = company(id="crm-9", name="Unclear Ltd", email=None, vat_number=None, tax_id=None)
-    with pytest.raises(TransientError) as info:
-        await adapter.create(client)
-    assert info.value.unclear
-    await _settled(sim, lambda: any(c.get("name") == "Unclear Ltd" for c in sim.clients.values()))
+    outcome = await unclear_write(sim, ending, "POST /qonto/v2/clients", lambda: adapter.create(client),
+                                  lambda: any(c.get("name") == "Unclear Ltd" for c in sim.clients.values()))
+    assert isinstance(outcome, TransientError) and outcome.unclear, "a POST is never re-sent: no clear answer"
     found = await lookalikes(adapter, client, since=intent)
     assert len(found) == 1, "the retry adopts the one record instead of creating another"
     assert sum(c.get("name") == "Unclear Ltd" for c in sim.clients.values()) == 1
@@ -733,12 +721,11 @@ async def test_an_unclear_create_leaves_one_record_that_the_lookalike_search_fin
 async def test_an_unclear_update_is_transient_and_its_repeat_converges(
     start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
-    adapter, sim, remote = await _unclear(start, session, monkeypatch, ending, "PATCH")
+    adapter, sim, remote = await _with_a_client(start, session, monkeypatch)
     newer = company(name="Acme Group", contacts=[Contact(email="ceo@acme.example")])
-    with pytest.raises(TransientError) as info:
-        await adapter.update(remote.id, newer)
-    assert info.value.unclear
-    await _settled(sim, lambda: sim.clients[remote.id]["name"] == "Acme Group")
+    outcome = await unclear_write(sim, ending, "PATCH", lambda: adapter.update(remote.id, newer),
+                                  lambda: sim.clients[remote.id]["name"] == "Acme Group")
+    assert isinstance(outcome, TransientError) and outcome.unclear, "a PATCH is never re-sent: no clear answer"
     await adapter.update(remote.id, newer)
     record = sim.clients[remote.id]
     assert (len(sim.clients), record["name"], record["extra_emails"]) == (1, "Acme Group", ["ceo@acme.example"])
@@ -748,12 +735,11 @@ async def test_an_unclear_update_is_transient_and_its_repeat_converges(
 async def test_an_unclear_delete_is_transient_and_its_repeat_finds_it_gone(
     start: StartSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, ending: str
 ) -> None:
-    adapter, sim, remote = await _unclear(start, session, monkeypatch, ending, "DELETE")
+    adapter, sim, remote = await _with_a_client(start, session, monkeypatch)
     # aiohttp re-sends an idempotent DELETE once when a reused connection drops, so after a dropped
     # answer the caller may already see the 404 of the re-send, which counts as deleted
-    with pytest.raises((TransientError, NotFound)) as info:
-        await adapter.delete(remote.id)
-    assert isinstance(info.value, NotFound) or info.value.unclear
-    await _settled(sim, lambda: remote.id not in sim.clients)
+    outcome = await unclear_write(sim, ending, "DELETE", lambda: adapter.delete(remote.id),
+                                  lambda: remote.id not in sim.clients)
+    assert isinstance(outcome, NotFound) or (isinstance(outcome, TransientError) and outcome.unclear)
     with pytest.raises(NotFound):  # the caller counts a 404 on delete as deleted
         await adapter.delete(remote.id)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.providers.conftest import StartSandbox, make_adapter
+from tests.helpers import ENDINGS
+from tests.providers.conftest import StartSandbox, make_adapter, unclear_write
 from worker.errors import (
     AuthError,
     LocalValidationError,
     NotFound,
     PermanentError,
-    ProviderUnavailable,
     ProviderValidationError,
     Unsupported,
 )
@@ -346,39 +344,11 @@ async def test_a_configured_stamp_field_is_written_kept_and_searched(
 
 
 # --- the three unclear endings --------------------------------------------------------------
-ENDINGS = ["fail_after_commit_next", "drop_after_commit_next", "apply_late_next"]
-
-
 @pytest.fixture
 def quick(sandbox: RunningSandbox, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> RequestFinance:
     adapter = make_adapter(NAME, sandbox, session, monkeypatch, timeout=0.5)
     assert isinstance(adapter, RequestFinance)
     return adapter
-
-
-async def _unclear(
-    simulator: RequestFinanceSandbox, ending: str, method: str, call: Callable[[], Awaitable[Any]],
-    landed: Callable[[], bool],
-) -> None:
-    simulator.faults.hang_seconds = 1.0
-    simulator.faults.write_match = method
-    setattr(simulator.faults, ending, 1)
-    outcome: BaseException | None = None
-    try:
-        await call()
-    except ProviderUnavailable as exc:
-        outcome = exc
-    else:
-        # aiohttp resends an idempotent PUT once when a reused keep-alive connection drops
-        # (RFC 9112 section 9.3.1.1): the copy got a clean answer.
-        dropped = [c for c in simulator.calls if c.status == 0]
-        assert ending == "drop_after_commit_next" and method == "PUT" and len(dropped) == 1
-        assert [c.status for c in simulator.calls if c.method == "PUT"][-1] == 200
-    assert outcome is None or getattr(outcome, "unclear", False)
-    deadline = time.monotonic() + 20
-    while not landed():
-        assert time.monotonic() < deadline, "the unclear write never landed"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
@@ -388,7 +358,8 @@ async def test_an_unclear_create_leaves_one_record_that_the_lookalike_finds(
     await quick.create(acme(id="other", email="billing@acme.example", name="Other Co"))  # same email
     client = acme()
     since = time.time()
-    await _unclear(sim(sandbox), ending, "POST", lambda: quick.create(client), lambda: len(sim(sandbox).clients) == 2)
+    await unclear_write(sim(sandbox), ending, "POST", lambda: quick.create(client),
+                        lambda: len(sim(sandbox).clients) == 2)
     found = await quick.search("email", "billing@acme.example")
     assert len(found) == 2, "email is not unique at Request Finance: never exact"
     assert [r.data["businessName"] for r in await lookalikes(quick, client, since=since)] == ["Acme SAS"]
@@ -401,8 +372,8 @@ async def test_an_unclear_update_converges_when_repeated(
     remote = await quick.create(acme())
     changed = acme(name="Acme Group", phone=None)
     record = sim(sandbox).clients
-    await _unclear(sim(sandbox), ending, "PUT", lambda: quick.update(remote.id, changed),
-                   lambda: record[remote.id].get("businessName") == "Acme Group")  # fmt: skip
+    await unclear_write(sim(sandbox), ending, "PUT", lambda: quick.update(remote.id, changed),
+                        lambda: record[remote.id].get("businessName") == "Acme Group")  # fmt: skip
     again = quick.from_wire((await quick.update(remote.id, changed)).data)
     assert (again.name, again.phone) == ("Acme Group", None)
     assert len(record) == 1
