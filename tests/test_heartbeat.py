@@ -3,19 +3,9 @@ those of workers silent for longer than KEEP_BEATS of their intervals; a reader 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 import redis.asyncio as aioredis
 
 from worker import heartbeat, keys
-
-
-@pytest.fixture
-async def r(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 async def test_a_beat_keeps_recent_workers_and_drops_long_silent_and_unreadable_ones(r: aioredis.Redis) -> None:

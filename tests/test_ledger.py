@@ -4,21 +4,12 @@ operator actions, and retention bounded by count and age with memory staying fla
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.monitor_fixtures import make_change, make_job
 from worker import keys
 from worker.ledger import Attempt, Ledger
-
-
-@pytest.fixture
-async def r(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 async def test_a_job_is_indexed_by_state_provider_client_and_time(r: aioredis.Redis) -> None:
