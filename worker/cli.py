@@ -260,6 +260,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         enabled = [name for name, cfg in configs.items() if cfg.is_configured()]
         disabled = [f"\n    {name:16} disabled: {cfg.missing()}" for name, cfg in configs.items()
                     if not cfg.is_configured()]
+        # Handlers before the banner: whoever reads "Stop with Ctrl-C" may press it at once.
+        stop = {"now": False}
+
+        def _stop(*_: Any) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
         stack.say(f"""
 clientsync is running
   redis      {redis_url}{'  (embedded, data in ' + data_dir + ')' if stack.redis else ''}
@@ -272,13 +280,6 @@ clientsync is running
   secrets    kept in {var_dir / 'secrets'} across restarts (unless set in the environment)
   send a change:  CLIENTSYNC_REDIS_URL={redis_url} clientsync send examples/change.json
 Stop with Ctrl-C.""")
-        stop = {"now": False}
-
-        def _stop(*_: Any) -> None:
-            stop["now"] = True
-
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
         restarts: list[float] = []
         while not stop["now"]:
             for name, proc in list(stack.procs.items()):
