@@ -125,7 +125,8 @@ class Settings(BaseSettings):
         "its last one is younger than two of these.",
     )
     task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
-    worker_concurrency: int = Field(16, ge=1)
+    # provider calls wait on the network, threads are cheap (docs/benchmarks.md, the naive bench at 64)
+    worker_concurrency: int = Field(64, ge=1)
     worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")
     max_attempts: int = Field(8, ge=1)
     retry_base_seconds: float = Field(1.0, gt=0)
