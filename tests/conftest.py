@@ -155,3 +155,16 @@ def provider_timeouts(providers: list[str], seconds: float = 1.0) -> dict[str, s
         out[f"CLIENTSYNC_{name.upper()}_TIMEOUT"] = f"{seconds:g}"
         out[f"CLIENTSYNC_{name.upper()}_SETTLE_SECONDS"] = f"{seconds:g}"
     return out
+
+
+@pytest.fixture(name="redis")
+async def stack_redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
+    """A client (str replies) of the module's `stack` fixture (each stack-running module defines
+    one), once every worker that stack started is heartbeating."""
+    from tests.helpers import workers_ready
+
+    client = aioredis.from_url(stack.redis_url, decode_responses=True)
+    await workers_ready(client, sum(name.startswith("worker") for name in stack.procs))
+    yield client
+    await client.aclose()
+

@@ -441,6 +441,9 @@ async def test_providers_view_pauses_resumes_and_probes_with_an_audit_and_bulk_r
             await page.wait_for(f"document.querySelector({json.dumps(card)}).dataset.circuit === 'closed'")
             await page.click(f"{card} button[data-action=probe]")
             await page.wait_for("document.querySelector('#banner').textContent.startsWith('Probe now')")
+            # the audit list refreshes after the banner: wait for the probe's row to show
+            probe_row = f'#audit tr[data-provider="{PROVIDER}"][data-action="probe"]'
+            await page.wait_for(f"document.querySelector({json.dumps(probe_row)}) !== null")
             actions = await page.js(f"[...document.querySelectorAll('#audit tr[data-provider=\"{PROVIDER}\"]')]"
                                     ".map(tr => tr.dataset.action)")
             assert actions[:3] == ["probe", "resume", "pause"]

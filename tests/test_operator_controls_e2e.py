@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -41,14 +41,6 @@ def stack() -> Iterator[Stack]:
     with EmbeddedRedis() as server, running_stack(server.url, providers=[Q], workers=1, concurrency=4,
                                                   **FAST) as s:
         yield s
-
-
-@pytest.fixture
-async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    await workers_ready(client, 1)
-    yield client
-    await client.aclose()
 
 
 def restart_worker(stack: Stack, **env: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import running_stack
-from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs
 from worker import keys
 from worker.launcher import Stack
 from worker.redis_server import EmbeddedRedis
@@ -37,14 +37,6 @@ def stack() -> Iterator[Stack]:
         CLIENTSYNC_PARK_POLL_SECONDS="0.1",
     ) as s:
         yield s
-
-
-@pytest.fixture
-async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    await workers_ready(client, 2)
-    yield client
-    await client.aclose()
 
 
 async def test_an_outage_opens_the_circuit_costs_no_attempts_and_ends_with_every_job_applied_once(

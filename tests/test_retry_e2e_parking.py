@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from kombu import Connection
 
 from tests.conftest import running_stack
-from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs
 from worker import keys
 from worker.launcher import Stack
 from worker.redis_server import EmbeddedRedis
@@ -38,14 +38,6 @@ def stack() -> Iterator[Stack]:
         CLIENTSYNC_INVOICE_NINJA_MAX_ATTEMPTS="3",
     ) as s:
         yield s
-
-
-@pytest.fixture
-async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    await workers_ready(client, 1)
-    yield client
-    await client.aclose()
 
 
 def visibility_sweep(redis_url: str) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import running_stack
-from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs, workers_ready
+from tests.helpers import enqueue_changes, sandbox_calls, sandbox_clients, set_faults, wait_jobs
 from worker import keys
 from worker.launcher import Stack
 from worker.redis_server import EmbeddedRedis
@@ -32,14 +32,6 @@ def stack() -> Iterator[Stack]:
         CLIENTSYNC_PARK_POLL_SECONDS="0.1",
     ) as s:
         yield s
-
-
-@pytest.fixture
-async def redis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(stack.redis_url, decode_responses=True)
-    await workers_ready(client, 2)
-    yield client
-    await client.aclose()
 
 
 async def test_after_a_429_with_retry_after_no_call_reaches_the_provider_before_the_time(
