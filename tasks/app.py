@@ -9,7 +9,7 @@ from celery import Celery, signals
 
 from tasks import intake
 from worker import logsafe
-from worker.settings import Settings
+from worker.settings import LOOP_POOL, Settings
 
 
 def make_celery(settings: Settings, broker_url: str) -> Celery:
@@ -33,8 +33,8 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         task_acks_late=True,
         # A child process killed (OOM, SIGKILL) requeues its message instead of acking it.
         task_reject_on_worker_lost=True,
-        # With acks_late, a worker holds at most `concurrency` unacked messages: a crash
-        # strands few, and long jobs do not starve other workers.
+        # With acks_late, a worker holds at most `concurrency` unacked messages (with the loop
+        # pool, the changes in flight): a crash strands few, and long jobs do not starve others.
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
         broker_transport_options={
@@ -55,8 +55,9 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
-        worker_concurrency=settings.worker_concurrency,
-        worker_pool=settings.worker_pool,
+        worker_concurrency=settings.concurrency(),
+        # The loop pool (tasks.pool) runs each change on the process's event loop.
+        worker_pool=LOOP_POOL if settings.worker_pool == "loop" else settings.worker_pool,
     )
     return app
 

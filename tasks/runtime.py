@@ -61,8 +61,11 @@ class Runtime:
         # A blocking pool: under load a command waits for a free connection instead of failing
         # with MaxConnectionsError. Each job holds at most one connection at a time, and every
         # provider's first attempt runs at once: size for concurrency x providers.
-        self.redis_connections = max(32, s.worker_concurrency * 6)
-        self.http_per_host = max(20, s.worker_concurrency * 2)
+        # A command holds a connection for one round trip, so the loop pool's hundreds of
+        # changes in flight share far fewer (a command waits for a free one).
+        concurrency = s.concurrency()
+        self.redis_connections = min(256, max(32, concurrency * 6))
+        self.http_per_host = max(20, concurrency * 2)
         pool = aioredis.BlockingConnectionPool.from_url(s.redis_url, max_connections=self.redis_connections,
                                                         timeout=30)
         self.redis = aioredis.Redis(connection_pool=pool)
@@ -73,7 +76,8 @@ class Runtime:
         self._flush_task = asyncio.get_running_loop().create_task(self.responses.run_flusher(self.redis))
         # One session for every adapter: the connector pools connections per host.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(200, self.http_per_host), limit_per_host=self.http_per_host),
+            connector=aiohttp.TCPConnector(limit=max(200, self.http_per_host * max(1, len(configs))),
+                                     limit_per_host=self.http_per_host),
             headers={"User-Agent": "clientsync/0.1"},
             trace_configs=[self.responses.trace_config()],
         )
@@ -173,7 +177,7 @@ def get_runtime() -> Runtime:
             names = ", ".join(sorted(_runtime.context.adapters)) or "none"
             log.info("worker runtime ready (pid %s): providers enabled: %s; %s pool of %d, Redis pool of %d "
                      "connections, %d HTTP connections per host", os.getpid(), names, _runtime.settings.worker_pool,
-                     _runtime.settings.worker_concurrency, _runtime.redis_connections, _runtime.http_per_host)
+                     _runtime.settings.concurrency(), _runtime.redis_connections, _runtime.http_per_host)
             for name, why in sorted(_runtime.context.disabled.items()):
                 log.warning("provider %s is disabled: %s", name, why)
         return _runtime

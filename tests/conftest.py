@@ -43,7 +43,7 @@ PROCESS_MODULES = frozenset({
     "test_operator_controls_e2e", "test_provider_responses", "test_retry_e2e_outage", "test_retry_e2e_parking",
     "test_retry_e2e_throttle", "test_run_command", "test_spine_crash", "test_spine_e2e",
     "test_spine_redis_trouble", "test_status_truth", "test_worker_sizing", "test_check", "test_durability",
-    "test_inflight", "test_completion", "test_cli", "test_flower_result",
+    "test_inflight", "test_completion", "test_cli", "test_flower_result", "test_loop_pool",
 })
 
 
@@ -126,7 +126,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_stack(
-    redis_url: str, *, providers: list[str], workers: int = 1, concurrency: int = 8, **settings: str
+    redis_url: str, *, providers: list[str], workers: int = 1, concurrency: int = 8, pool: str | None = None,
+    **settings: str
 ) -> Iterator[Stack]:
     """Redis flushed, then sandbox + receiver + `workers` Celery workers as real processes."""
     redis.Redis.from_url(redis_url).flushdb()
@@ -137,7 +138,7 @@ def running_stack(
         stack.start_sandbox(names=providers)
         stack.start_receiver()
         for i in range(workers):
-            stack.start_worker(f"worker{i}", concurrency=concurrency)
+            stack.start_worker(f"worker{i}", concurrency=concurrency, pool=pool)
         yield stack
     finally:
         stack.stop()

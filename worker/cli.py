@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.models import ClientChange, change_json_schema
-from worker.settings import Settings, SettingsError, read_secret_files
+from worker.settings import LOOP_POOL, Settings, SettingsError, default_concurrency, read_secret_files
 
 log = logging.getLogger("clientsync")
 
@@ -189,18 +189,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     problems = lease_problems(settings.lease_seconds, enabled_configs())
     if problems:
         raise CliError("invalid settings: " + "; ".join(problems))
-    pool, concurrency = args.pool or settings.worker_pool, args.concurrency or settings.worker_concurrency
-    # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`.
+    pool = args.pool or settings.worker_pool
+    concurrency = args.concurrency or settings.worker_concurrency or default_concurrency(pool)
+    # Exec Celery on the `tasks` package by name: `worker` never imports `tasks`. The loop pool
+    # is out of Celery's tree: Celery's documented hook for one is `--pool custom` + this variable.
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker",
-            "--loglevel", settings.log_level, "--pool", pool, "--concurrency", str(concurrency),
-            "--without-gossip", "--without-mingle"]
+            "--loglevel", settings.log_level, "--pool", "custom" if pool == "loop" else pool,
+            "--concurrency", str(concurrency), "--without-gossip", "--without-mingle"]
     if settings.task_events:
         argv.append("--task-events")
     if args.hostname:
         argv += ["--hostname", args.hostname]
     # The flags reach the worker's runtime too (tasks.runtime sizes its Redis pool and HTTP
     # connector from the settings): one value for Celery's pool and for what it shares.
-    env = {**os.environ, "CLIENTSYNC_WORKER_POOL": pool, "CLIENTSYNC_WORKER_CONCURRENCY": str(concurrency)}
+    env = {**os.environ, "CLIENTSYNC_WORKER_POOL": pool, "CLIENTSYNC_WORKER_CONCURRENCY": str(concurrency),
+           "CELERY_CUSTOM_WORKER_POOL": LOOP_POOL}
     os.execve(sys.executable, argv, env)  # noqa: S606 - replaces this process with the Celery worker
 
 
@@ -380,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker that applies changes")
-    p.add_argument("--concurrency", type=int, help="tasks at once (default: CLIENTSYNC_WORKER_CONCURRENCY)")
-    p.add_argument("--pool", choices=["threads", "prefork", "solo"],
+    p.add_argument("--concurrency", type=int, help="tasks at once: changes in flight with the loop pool, threads "
+                   "or processes with the others (default: CLIENTSYNC_WORKER_CONCURRENCY, else the pool's default)")
+    p.add_argument("--pool", choices=["loop", "threads", "prefork", "solo"],
                    help="Celery pool (default: CLIENTSYNC_WORKER_POOL)")
     p.add_argument("--hostname", help="the Celery node name (default: Celery's)")
     p.set_defaults(func=cmd_worker)

@@ -21,6 +21,10 @@ class SettingsError(ValueError):
     """Configuration an operator must fix; the message names each variable and its rule."""
 
 
+#: the loop pool's class, for Celery's out-of-tree pool hook (CELERY_CUSTOM_WORKER_POOL)
+LOOP_POOL = "tasks.pool:LoopPool"
+
+
 def drop_empty(data: Any) -> Any:
     """Empty means unset: compose and .env files pass unset variables as "" (a blank value is no value)."""
     if isinstance(data, dict):
@@ -125,9 +129,15 @@ class Settings(BaseSettings):
         "its last one is younger than two of these.",
     )
     task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
-    # provider calls wait on the network, threads are cheap (docs/benchmarks.md, the naive bench at 64)
-    worker_concurrency: int = Field(64, ge=1)
-    worker_pool: str = Field("threads", pattern="^(threads|prefork|solo)$")
+    worker_concurrency: int | None = Field(
+        None, ge=1,
+        description="Tasks at once per worker process; empty = the pool's default: 256 changes in flight with "
+        "the loop pool, 64 threads, one process per core with prefork, 1 with solo.",
+    )
+    worker_pool: Literal["loop", "threads", "prefork", "solo"] = Field(
+        "loop", description="Celery pool: loop runs each change on the process's event loop (no thread held while "
+        "providers answer); threads holds one thread per change.",
+    )
     max_attempts: int = Field(8, ge=1)
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(300.0, gt=0)
@@ -192,3 +202,15 @@ class Settings(BaseSettings):
         if self.webhook_secret is None:
             return []
         return [s.strip() for s in self.webhook_secret.get_secret_value().split(",") if s.strip()]
+
+    def concurrency(self) -> int:
+        """Tasks at once per worker process: the setting, else the pool's default."""
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        return default_concurrency(self.worker_pool)
+
+
+def default_concurrency(pool: str) -> int:
+    """The loop pool holds a coroutine per change in flight, not a thread (tasks.pool); threads
+    wait on the network, so many are worth it (docs/benchmarks.md); prefork runs a process per core."""
+    return {"loop": 256, "threads": 64, "prefork": os.cpu_count() or 1}.get(pool, 1)

@@ -53,6 +53,8 @@ class Faults:
     #: e.g. "DELETE", "POST /v2/clients", "PUT ")
     write_match: str = ""
     seed: int = 0
+    #: every provider call waits while this is on (GET /_sandbox/inflight counts the waiting ones)
+    hold: bool = False
 
 
 @dataclass
@@ -80,6 +82,9 @@ class SandboxProvider(ABC):
         self.calls: list[Call] = []
         self._random = random.Random(self.faults.seed)
         self._next_id = 1
+        #: provider calls being handled now, and the most at once since the last reset
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     # --- subclass API ------------------------------------------------------------------
     @classmethod
@@ -121,6 +126,7 @@ class SandboxProvider(ABC):
         app = web.Application(middlewares=[self._faults_and_auth])
         app.router.add_get("/_sandbox/clients", self._control_clients)
         app.router.add_get("/_sandbox/calls", self._control_calls)
+        app.router.add_get("/_sandbox/inflight", self._control_inflight)
         app.router.add_get("/_sandbox/faults", self._control_get_faults)
         app.router.add_post("/_sandbox/faults", self._control_set_faults)
         app.router.add_post("/_sandbox/reset", self._control_reset)
@@ -134,11 +140,17 @@ class SandboxProvider(ABC):
     async def _faults_and_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if "/_sandbox/" in request.path:
             return await handler(request)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
+            while self.faults.hold:
+                await asyncio.sleep(0.01)
             response = await self._apply(request, handler)
         except ConnectionResetError:
             self.calls.append(Call(request.method, request.path_qs, 0))  # 0: no answer was sent
             raise
+        finally:
+            self.in_flight -= 1
         self.calls.append(Call(request.method, request.path_qs, response.status))
         return response
 
@@ -208,6 +220,9 @@ class SandboxProvider(ABC):
     async def _control_calls(self, request: web.Request) -> web.Response:
         return web.json_response({"calls": [asdict(c) for c in self.calls]})
 
+    async def _control_inflight(self, request: web.Request) -> web.Response:
+        return web.json_response({"now": self.in_flight, "peak": self.peak_in_flight})
+
     async def _control_get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(asdict(self.faults))
 
@@ -252,4 +267,5 @@ class SandboxProvider(ABC):
         self.faults = Faults()
         self._random = random.Random(0)
         self._next_id = 1
+        self.peak_in_flight = self.in_flight
         return web.json_response({"ok": True})
