@@ -10,10 +10,13 @@ released and every change must be applied exactly once.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis
 
 from tests.conftest import running_stack, uid
 from tests.helpers import change, post_webhook, sandbox_clients, set_faults, wait_jobs
@@ -84,3 +87,34 @@ async def test_changes_in_flight_are_not_threads(redis_server_url: str, pool: st
             created = await sandbox_clients(session, base)
             stamps = sorted(c.get("number") for c in created)
             assert stamps == sorted(f"cs:{c['client']['id']}" for c in changes)  # each exactly once
+
+
+async def test_a_warm_shutdown_lets_the_changes_in_flight_finish_and_acks_them(redis_server_url: str) -> None:
+    n = 20
+    with running_stack(redis_server_url, providers=[P], pool="loop", concurrency=n) as stack:
+        base = stack.env[f"CLIENTSYNC_{P.upper()}_URL"]
+        worker = stack.procs["worker0"]
+        async with aiohttp.ClientSession() as session:
+            await set_faults(session, base, hold=True)
+            changes = [change(uid("e-stop-"), uid("c-stop-"), name=f"Stopping {i}") for i in range(n)]
+            secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
+            assert {await post_webhook(session, stack.receiver_url, secret, c) for c in changes} == {202}
+            for _ in range(1200):
+                if (await _inflight(session, base))["now"] == n:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the changes never reached the provider")
+            os.killpg(worker.pid, signal.SIGTERM)  # Celery's warm shutdown, every change still waiting
+            await set_faults(session, base, hold=False)
+            assert await asyncio.to_thread(worker.wait, 120) == 0
+            created = await sandbox_clients(session, base)
+        records = await wait_jobs(stack.redis_url, [keys.job_id(P, c["event_id"]) for c in changes], timeout=5)
+        assert {r["state"] for r in records.values()} == {"succeeded"}
+        assert len(created) == n
+        # Every message was acked before the process left: none waits to be redelivered.
+        r = redis.Redis.from_url(stack.redis_url)
+        try:
+            assert r.hlen("unacked") == 0 and r.llen("celery") == 0 and r.hlen(keys.HOLDERS) == 0
+        finally:
+            r.close()
