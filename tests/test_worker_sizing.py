@@ -11,6 +11,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import clean_env
 from worker.launcher import Stack
 
@@ -27,17 +29,18 @@ def _ready_line(log: Path, deadline: float) -> re.Match[str]:
         time.sleep(0.2)
 
 
-def test_the_concurrency_flag_sizes_the_runtime_too(fresh_redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", ["loop", "threads"])
+def test_the_concurrency_flag_sizes_the_runtime_too(fresh_redis_url: str, tmp_path: Path, pool: str) -> None:
     # The settings say 3; the flag says 40: the flag wins everywhere.
     stack = Stack(env=clean_env(CLIENTSYNC_REDIS_URL=fresh_redis_url, CLIENTSYNC_WORKER_CONCURRENCY="3",
                                 CLIENTSYNC_LOG_LEVEL="INFO"), log_dir=tmp_path)
     try:
         stack.ensure_secrets()
-        stack.start_worker("worker0", concurrency=40)
-        pool, threads, redis_conns, http_per_host = _ready_line(tmp_path / "worker0.log",
+        stack.start_worker("worker0", concurrency=40, pool=pool)
+        named, tasks, redis_conns, http_per_host = _ready_line(tmp_path / "worker0.log",
                                                                time.monotonic() + 90).groups()
     finally:
         stack.stop()
-    assert (pool, int(threads)) == ("threads", 40)
-    assert int(redis_conns) >= 40 and int(http_per_host) >= 40  # one each per thread at least
+    assert (named, int(tasks)) == (pool, 40)
+    assert int(redis_conns) >= 40 and int(http_per_host) >= 40  # one each per change in flight at least
     assert int(redis_conns) > 3 * 6 and int(http_per_host) > 3 * 2  # not sized from the setting's 3

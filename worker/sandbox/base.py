@@ -85,6 +85,9 @@ class SandboxProvider(ABC):
         #: provider calls being handled now, and the most at once since the last reset
         self.in_flight = 0
         self.peak_in_flight = 0
+        #: set while calls may go ahead (the `hold` knob clears it)
+        self._released = asyncio.Event()
+        self._hold(self.faults.hold)
 
     # --- subclass API ------------------------------------------------------------------
     @classmethod
@@ -143,8 +146,7 @@ class SandboxProvider(ABC):
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            while self.faults.hold:
-                await asyncio.sleep(0.01)
+            await self._released.wait()
             response = await self._apply(request, handler)
         except ConnectionResetError:
             self.calls.append(Call(request.method, request.path_qs, 0))  # 0: no answer was sent
@@ -240,7 +242,14 @@ class SandboxProvider(ABC):
             setattr(self.faults, key, value)
         if "seed" in body:
             self._random = random.Random(self.faults.seed)
+        self._hold(self.faults.hold)
         return web.json_response(asdict(self.faults))
+
+    def _hold(self, hold: bool) -> None:
+        if hold:
+            self._released.clear()
+        else:
+            self._released.set()
 
     def _fresh_readings(self) -> Any:
         return self.readings_class() if self.readings_class is not None else None
@@ -268,4 +277,5 @@ class SandboxProvider(ABC):
         self._random = random.Random(0)
         self._next_id = 1
         self.peak_in_flight = self.in_flight
+        self._hold(False)
         return web.json_response({"ok": True})
