@@ -75,11 +75,11 @@ from worker.launcher import PY, Stack, wait_http  # noqa: E402
 from worker.models import PROVIDER_NAMES  # noqa: E402
 from worker.producer import SYNC_TASK, task_message  # noqa: E402
 from worker.redis_server import free_port  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from worker.settings import Settings, default_concurrency  # noqa: E402
 
 ALL_PROVIDERS = list(PROVIDER_NAMES)
 QUEUE: str = Settings.model_fields["queue"].default
-DEFAULT_CONCURRENCY: int = Settings.model_fields["worker_concurrency"].default
+DEFAULT_POOL: str = Settings.model_fields["worker_pool"].default
 DEFAULT_EVENTS: bool = Settings.model_fields["task_events"].default
 #: ledger counters (`keys.stats`) bumped when a job reaches a final state
 FINAL_COUNTERS = ("applied", "dead", "skipped", "needs_attention")
@@ -371,6 +371,7 @@ def bench_env(args: argparse.Namespace) -> dict[str, str]:
     env["CLIENTSYNC_LOG_LEVEL"] = "WARNING"
     env["CLIENTSYNC_TASK_EVENTS"] = "true" if args.task_events == "on" else "false"
     env["CLIENTSYNC_WORKER_CONCURRENCY"] = str(args.concurrency)
+    env["CLIENTSYNC_WORKER_POOL"] = args.worker_pool
     return env
 
 
@@ -1120,7 +1121,8 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
         # A fresh stack per latency: every run starts from the same empty Redis and sandbox (what a
         # sandbox holds matters: LSP.expert's adapter reads every page of clients on a create).
         tag = f"e{uuid.uuid4().hex[:5]}-{latency_ms:g}"
-        say(f"(b) clientsync, 1 worker x {args.concurrency} threads, {len(providers)} providers at {latency_ms:g} ms")
+        say(f"(b) clientsync, 1 worker, pool {args.worker_pool} x {args.concurrency}, {len(providers)} providers at "
+            f"{latency_ms:g} ms")
         with bench_stack(args, providers, receiver=True, prefix="e2e") as (stack, meter, r):
             set_latency(stack, providers, latency_ms)
             prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.warmup)
@@ -1151,8 +1153,8 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
                runs: list[ClientsyncRun], redis_version: str) -> list[str]:
     p = len(args.providers)
     out = [
-        f"### End to end: clientsync vs a Celery no-op (1 worker process, pool threads x {args.concurrency}, "
-        f"task events {args.task_events})",
+        f"### End to end: clientsync vs a Celery no-op (1 worker process; clientsync's pool {args.worker_pool}, "
+        f"the no-op's threads, x {args.concurrency} each; task events {args.task_events})",
         "",
         table(["run", "provider latency", "tasks or jobs", "tasks/s", "jobs/s", "changes/s",
                "jobs/s ÷ no-op tasks/s", "changes/s ÷ no-op tasks/s", "peak worker RSS MB (sampled / VmHWM)"],
@@ -1303,7 +1305,8 @@ def cmd_naive(args: argparse.Namespace) -> list[str]:
     ]
     return [
         f"### Naive baseline vs clientsync (Invoice Ninja sandbox at {latency_ms:g} ms, 1 worker process, "
-        f"threads x {args.concurrency}, task events {args.task_events}, {n:,} changes)",
+        f"x {args.concurrency} (clientsync's pool {args.worker_pool}, the naive task's threads), task events "
+        f"{args.task_events}, {n:,} changes)",
         "",
         table(["variant", "changes/s", "provider calls per change", "Redis round trips per change",
                "Redis commands per change", "worker CPU ms per change", "worker busy (cores)",
@@ -1343,7 +1346,8 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
     redis_version = ""
     for providers in (["invoice_ninja"], ALL_PROVIDERS):
         tag = f"r{uuid.uuid4().hex[:5]}-{len(providers)}"
-        say(f"redis-ceiling: {len(providers)} provider(s), 0 ms, {args.workers} workers x {args.concurrency}")
+        say(f"redis-ceiling: {len(providers)} provider(s), 0 ms, {args.workers} workers, "
+            f"pool {args.worker_pool} x {args.concurrency}")
         with bench_stack(args, providers, receiver=True, prefix="ceiling") as (stack, meter, r):
             redis_version = meter.info().get("redis_version", "")
             prime, receiver_changes = make_changes(f"{tag}p", SENDERS), make_changes(f"{tag}w", args.receiver_n)
@@ -1380,7 +1384,8 @@ def cmd_redis_ceiling(args: argparse.Namespace) -> list[str]:
                      f"change; this run reached {d.changes_per_s:,.0f} changes/s with Redis {busy * 100:.0f}% busy, "
                      f"so {'Redis' if busy > 0.85 else 'the workers (or the machine), not Redis,'} set its pace.")
     return [
-        f"### Redis ceiling (zero provider latency, {args.workers} worker processes x {args.concurrency} threads, "
+        f"### Redis ceiling (zero provider latency, {args.workers} worker processes, pool {args.worker_pool} x "
+        f"{args.concurrency}, "
         f"task events {args.task_events}, {n:,} changes per row)",
         "",
         table(["providers", "workers x threads", "changes/s", "jobs/s", "Redis CPU s per 1,000 changes",
@@ -1419,8 +1424,11 @@ def provider_list(text: str) -> list[str]:
 
 
 COMMON = {
-    "--concurrency": dict(type=int, default=DEFAULT_CONCURRENCY,
-                          help="threads per worker process, clientsync's and the baselines' alike"),
+    "--worker-pool": dict(choices=["loop", "threads"], default=DEFAULT_POOL,
+                          help="clientsync's Celery pool (the baselines always run on threads)"),
+    "--concurrency": dict(type=int, default=None,
+                          help="tasks at once per worker process, clientsync's and the baselines' alike (unset: "
+                               "the pool's default, loop 256, threads 64)"),
     "--task-events": dict(choices=["on", "off"], default="on" if DEFAULT_EVENTS else "off",
                           help="Celery task events, clientsync's workers and the baselines' alike"),
     "--poll-ms": dict(type=float, default=20.0, help="how often the bench polls for completion (one EVALSHA)"),
@@ -1492,6 +1500,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], list[str]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.concurrency = args.concurrency or default_concurrency(args.worker_pool)
     for name in ("n", "warmup", "idle_seconds", "receiver_n", "noop_n", "latency_n", "script_sample"):
         if not hasattr(args, name):
             setattr(args, name, _spec("--" + name.replace("_", "-")).get("default"))
