@@ -4,8 +4,10 @@
 provider; `run_job` runs one attempt of one job and decides what comes next. It is the one
 owner of retries (adapters never loop):
 
-- the provider's circuit (`worker.circuit`) is asked first; while it is open the job is
-  parked until the probe time, shown as `retrying` (`circuit_open`), and spends no attempt;
+- a provider's 429 block that will not end soon parks the job before it starts, shown as
+  `retrying` (`rate_limited`), and spends no attempt;
+- the provider's circuit (`worker.circuit`) is asked next; while it is open the job is
+  parked the same way until the probe time (`circuit_open`);
 - a call the shared rate limit cannot fit soon (`worker.ratelimit.BucketEmpty`) parks the job
   the same way (`rate_limited`), also without spending an attempt;
 - a permanent error is dead at once; a transient one is retried after a full-jitter
@@ -13,6 +15,11 @@ owner of retries (adapters never loop):
   other job's calls to that provider), until the provider's `max_attempts`;
 - every retry, short or long, is parked in Redis (`worker.parking`) rather than held as a
   Celery countdown, so no delay can outlive the broker's visibility timeout and run twice.
+
+On the success path a job's bookkeeping is two Redis round trips (`worker.steps`): its start
+(the block, the circuit, the ledger's `running`, the claim) and its finish (the store, the
+ledger's `succeeded`, the circuit), each one script; a create adds its recorded intent, and a
+provider with a configured rate limit one shared token per call.
 
 The task layer only turns a `Decision` into a return (or, if parking failed, `self.retry`).
 """
