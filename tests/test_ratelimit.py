@@ -182,3 +182,32 @@ async def test_the_monitor_shows_the_real_bucket_a_tenth_of_the_limit(redis: aio
     # refilled at (limit - burst) / period = 90 per second, and never past the bucket's 100
     assert rate_view("hash", data, now=at + 0.01)["tokens"] == pytest.approx(99.9)
     assert rate_view("hash", data, now=at + 60)["tokens"] == 100
+
+
+async def test_without_a_limit_calls_honour_the_blocks_this_process_knows_without_a_round_trip(
+    redis: aioredis.Redis,
+) -> None:
+    here = limiter(redis, calls=None, max_wait=0.5)
+    there = limiter(redis, calls=None, max_wait=0.5)  # another worker process
+    await here.before_call("p")  # no block known: at once
+    assert not await redis.exists(keys.rate_bucket("p"))  # and no token taken: nothing to count
+    await there.block("p", 30)  # the other worker's job got a 429
+    # A job of this process learns it when it starts (its start script reads the block), and
+    # from then on no call of any job of this process starts before the block ends.
+    here.learn_block("p", await here.blocked_for("p"))
+    with pytest.raises(BucketEmpty) as far:
+        await here.before_call("p")
+    assert far.value.retry_after is not None and 29 < far.value.retry_after <= 30
+    # A block this process records itself is known at once; a short one is waited out.
+    other = RateLimiter(redis, {"q": Limit(None, 1.0)}, max_wait=5)
+    await other.block("q", 0.2)
+    until = time.monotonic() + 0.2
+    await other.before_call("q")
+    assert time.monotonic() >= until - 0.01
+
+
+async def test_with_a_limit_every_call_still_takes_a_shared_token(redis: aioredis.Redis) -> None:
+    rl = limiter(redis, calls=10, period=60.0, max_wait=0)  # a burst of 1, then one per 6.7 s
+    await rl.before_call("p")
+    with pytest.raises(BucketEmpty):
+        await rl.before_call("p")

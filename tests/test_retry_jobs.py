@@ -244,3 +244,13 @@ async def test_a_job_that_keeps_losing_its_lease_spends_attempts_and_ends_dead(
     record = await ctx.ledger.get(keys.job_id(IN, c.event_id))
     assert record is not None and record.fields["last_error_class"] == "lease_lost"
     assert not [x for x in sim(sandbox).calls if x.method == "POST"], "no create after the lease was lost"
+
+
+async def test_a_circuit_that_cannot_be_read_lets_the_job_through(ctx: JobContext, redis: aioredis.Redis) -> None:
+    # The circuit is read and recorded inside the job's start and finish scripts: an error there
+    # fails open (as a breaker of its own would), it never strands the job or fails its finish.
+    await redis.set(keys.circuit(IN), "not a hash")
+    c = await start(ctx)
+    assert (await run_job(c, IN, 1, ctx)).state == "succeeded"
+    job = await ctx.ledger.get(keys.job_id(IN, c.event_id))
+    assert job is not None and job.state == "succeeded"

@@ -70,7 +70,7 @@ local function ms(v) return math.floor((tonumber(v) or 0) * 1000 + 0.5) end
 
 # KEYS[1] circuit; ARGV: token, lease_ms, now_ms ('' = Redis time), credentials fingerprint ('' = unknown)
 # -> {verdict ('closed' | 'probe' | 'open' | 'half_open' | 'auth_failed' | 'paused'), wait_ms}
-_ALLOW = _NOW + """
+ALLOW_LUA = _NOW + """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st or st == 'closed' then return {'closed', 0} end
 if st == 'paused' then return {'paused', 0} end
@@ -94,7 +94,7 @@ return {'probe', 0}
 # KEYS[1] circuit, KEYS[2] audit list; ARGV: token, outcome, threshold, cooldown_ms, max_cooldown_ms,
 # now_ms ('' = Redis time), credentials fingerprint, audit entry (JSON, for an auth failure), audit max
 # -> {state, wait_ms until a probe (0 unless open), 1 if this call opened it}
-_RECORD = _NOW + """
+RECORD_LUA = _NOW + """
 local token, outcome = ARGV[1], ARGV[2]
 local threshold, base, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms(ARGV[6])
@@ -219,8 +219,8 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self.max_cooldown = max(max_cooldown, cooldown)
         self.probe_lease = probe_lease
-        self._allow = redis.register_script(_ALLOW)
-        self._record = redis.register_script(_RECORD)
+        self._allow = redis.register_script(ALLOW_LUA)
+        self._record = redis.register_script(RECORD_LUA)
 
     def lease_for(self, call_timeout: float | None) -> float:
         """The probe lease: the provider's call timeout plus a margin, capped by the configured lease."""
@@ -228,40 +228,58 @@ class CircuitBreaker:
             return self.probe_lease
         return min(self.probe_lease, call_timeout + PROBE_MARGIN_SECONDS)
 
+    def allow_call(self, provider: str, token: str, *, now_ms: int | None = None, call_timeout: float | None = None,
+                   fingerprint: str = "") -> tuple[list[str], list[Any]]:
+        """`allow`'s keys and arguments (also a piece of the job's start script, `worker.steps`)."""
+        return ([keys.circuit(provider)],
+                [token, int(self.lease_for(call_timeout) * 1000), "" if now_ms is None else now_ms, fingerprint])
+
     async def allow(self, provider: str, token: str, *, now_ms: int | None = None,
                     call_timeout: float | None = None, fingerprint: str = "") -> Verdict:
         """May the job holding `token` call `provider` now? One round trip.
 
         `fingerprint` identifies the credentials the job would use (see `credentials_fingerprint`).
         """
-        verdict, wait = await self._allow(
-            keys=[keys.circuit(provider)],
-            args=[token, int(self.lease_for(call_timeout) * 1000), "" if now_ms is None else now_ms, fingerprint],
-        )
-        state = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
-        assert state in ("closed", "probe", "open", "half_open", "auth_failed", "paused")
-        return Verdict(state, int(wait) / 1000)  # type: ignore[arg-type]
+        script_keys, args = self.allow_call(provider, token, now_ms=now_ms, call_timeout=call_timeout,
+                                            fingerprint=fingerprint)
+        return parse_verdict(await self._allow(keys=script_keys, args=args))
+
+    def record_call(self, provider: str, token: str, outcome: Outcome, *, now_ms: int | None = None,
+                    fingerprint: str = "") -> tuple[list[str], list[Any]]:
+        """`record`'s keys and arguments (also a piece of the job's finish script, `worker.steps`)."""
+        entry = json.dumps({"provider": provider, "action": "auth_failed", "actor": "worker",
+                            "note": "the provider refused the credentials (401/403); jobs wait"})
+        return ([keys.circuit(provider), keys.AUDIT],
+                [token, outcome, self.threshold, int(self.cooldown * 1000), int(self.max_cooldown * 1000),
+                 "" if now_ms is None else now_ms, fingerprint, entry, keys.AUDIT_MAX])
 
     async def record(self, provider: str, token: str, outcome: Outcome, *,
                      now_ms: int | None = None, fingerprint: str = "") -> CircuitState:
         """Record one job's outcome at `provider`: a success, a transient failure, an auth
         failure (with the refused credentials' fingerprint), or neutral (no call reached the
         provider: releases a probe the job held)."""
-        entry = json.dumps({"provider": provider, "action": "auth_failed", "actor": "worker",
-                            "note": "the provider refused the credentials (401/403); jobs wait"})
-        state, wait, opened = await self._record(
-            keys=[keys.circuit(provider), keys.AUDIT],
-            args=[token, outcome, self.threshold, int(self.cooldown * 1000), int(self.max_cooldown * 1000),
-                  "" if now_ms is None else now_ms, fingerprint, entry, keys.AUDIT_MAX],
-        )
-        result = CircuitState(state.decode() if isinstance(state, bytes) else str(state), int(wait) / 1000,
-                              bool(int(opened)))
-        if result.opened and result.state == "auth_failed":
-            log.error("circuit for %s: credentials refused; its jobs wait until they change or an operator "
-                      "resumes", provider)
-        elif result.opened:
-            log.warning("circuit for %s opened for %.1fs", provider, result.wait)
-        return result
+        script_keys, args = self.record_call(provider, token, outcome, now_ms=now_ms, fingerprint=fingerprint)
+        return recorded(provider, await self._record(keys=script_keys, args=args))
+
+
+def parse_verdict(raw: Any) -> Verdict:
+    """`ALLOW_LUA`'s reply as a `Verdict`."""
+    verdict, wait = raw
+    state = _text(verdict)
+    assert state in ("closed", "probe", "open", "half_open", "auth_failed", "paused")
+    return Verdict(state, int(wait) / 1000)  # type: ignore[arg-type]
+
+
+def recorded(provider: str, raw: Any) -> CircuitState:
+    """`RECORD_LUA`'s reply as a `CircuitState` (an opening is logged)."""
+    state, wait, opened = raw
+    result = CircuitState(_text(state), int(wait) / 1000, bool(int(opened)))
+    if result.opened and result.state == "auth_failed":
+        log.error("circuit for %s: credentials refused; its jobs wait until they change or an operator "
+                  "resumes", provider)
+    elif result.opened:
+        log.warning("circuit for %s opened for %.1fs", provider, result.wait)
+    return result
 
 
 def credentials_fingerprint(config: BaseModel) -> str:

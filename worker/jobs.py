@@ -4,8 +4,10 @@
 provider; `run_job` runs one attempt of one job and decides what comes next. It is the one
 owner of retries (adapters never loop):
 
-- the provider's circuit (`worker.circuit`) is asked first; while it is open the job is
-  parked until the probe time, shown as `retrying` (`circuit_open`), and spends no attempt;
+- a provider's 429 block that will not end soon parks the job before it starts, shown as
+  `retrying` (`rate_limited`), and spends no attempt;
+- the provider's circuit (`worker.circuit`) is asked next; while it is open the job is
+  parked the same way until the probe time (`circuit_open`);
 - a call the shared rate limit cannot fit soon (`worker.ratelimit.BucketEmpty`) parks the job
   the same way (`rate_limited`), also without spending an attempt;
 - a permanent error is dead at once; a transient one is retried after a full-jitter
@@ -13,6 +15,11 @@ owner of retries (adapters never loop):
   other job's calls to that provider), until the provider's `max_attempts`;
 - every retry, short or long, is parked in Redis (`worker.parking`) rather than held as a
   Celery countdown, so no delay can outlive the broker's visibility timeout and run twice.
+
+On the success path a job's bookkeeping is two Redis round trips (`worker.steps`): its start
+(the block, the circuit, the ledger's `running`, the claim) and its finish (the store, the
+ledger's `succeeded`, the circuit), each one script; a create adds its recorded intent, and a
+provider with a configured rate limit one shared token per call.
 
 The task layer only turns a `Decision` into a return (or, if parking failed, `self.retry`).
 """
@@ -27,14 +34,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from worker import keys
 from worker.backoff import RETRY_AFTER_MAX, retry_delay
-from worker.circuit import CircuitBreaker, CircuitState, Outcome, Verdict, credentials_fingerprint
+from worker.circuit import CircuitBreaker, CircuitState, credentials_fingerprint
+from worker.circuit import Outcome as CircuitOutcome
 from worker.errors import (
     AuthError,
     Busy,
@@ -46,14 +54,14 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.ledger import FINAL as FINAL_STATES
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
 from worker.providers.base import ProviderAdapter, ProviderConfig
 from worker.ratelimit import BucketEmpty, RateLimiter
+from worker.steps import Call, JobSteps
 from worker.store import SyncStore
-from worker.sync import apply_change
+from worker.sync import Outcome, apply_change
 
 log = logging.getLogger("clientsync.jobs")
 
@@ -122,14 +130,19 @@ class JobContext:
     countdown_max: float = 60.0
     #: how often jobs held by an auth-failed or paused provider look again
     hold_recheck: float = 5.0
+    #: the start and finish scripts (worker.steps), on the store's Redis
+    steps: JobSteps = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.steps = JobSteps(self.store.redis)
 
 
 def before_call_hook(limiter: RateLimiter | None) -> Callable[[str], Awaitable[None]]:
-    """The adapters' `before_call`: take a shared rate-limit token, and count the call."""
+    """The adapters' `before_call`: honour the shared rate limit and 429 blocks, and count the call."""
 
     async def before_call(provider: str) -> None:
         if limiter is not None:
-            await limiter.acquire(provider)
+            await limiter.before_call(provider)
         box = _calls.get()
         if box is not None:
             box[0] += 1
@@ -166,7 +179,7 @@ async def fan_out(
         log.warning("dead-lettered invalid message task_id=%s: %s", task_id, message)
         return None, []
     targets = list(change.providers) if change.providers is not None else sorted(ctx.adapters)
-    job_ids = await asyncio.gather(*(ctx.ledger.enqueued(change, p, received_at=received_at) for p in targets))
+    job_ids = await ctx.ledger.enqueued_many(change, targets, received_at=received_at)
     for provider, job_id in zip(targets, job_ids, strict=True):
         if provider not in ctx.adapters:
             why = ctx.disabled.get(provider, "unknown provider")
@@ -206,8 +219,30 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     bound = {"event_id": change.event_id, "provider": provider, "attempt": attempt,
              "client": change.client.id, "email": mask_email(change.client.email)}
     token = f"{ctx.owner}:{job_id}:{attempt}:{uuid.uuid4().hex[:8]}"
-    verdict = await _allow(ctx, provider, token, adapter)
-    if verdict is not None and not verdict.go:
+    idem = keys.idempotency_key(change.event_id, provider, change.action)
+    # One round trip (worker.steps): the 429 block, the circuit, the ledger's `running` (naming
+    # this process as the owner, so a reaper re-enqueues the job if it dies) and the claim.
+    start = await ctx.steps.start(
+        block=ctx.limiter.blocked_for_call(provider) if ctx.limiter is not None else None,
+        max_wait=ctx.limiter.max_wait if ctx.limiter is not None else 0.0,
+        allow=ctx.circuit.allow_call(provider, token, call_timeout=adapter.config.timeout,
+                                     fingerprint=credentials_fingerprint(adapter.config))
+        if ctx.circuit is not None else None,
+        running=ctx.ledger.transition_call(job_id, "running", fields=Ledger.running_fields(
+            ctx.owner, ctx.parking.queue if ctx.parking else None)),
+        begin=ctx.store.begin_call(idem, provider, change.client.id, fingerprint=change.fingerprint(), owner=token),
+    )
+    if ctx.limiter is not None:
+        ctx.limiter.learn_block(provider, start.blocked_for)
+    if start.status == "blocked":
+        # Another job's 429 stops this one before it starts (no call, no attempt, no probe taken).
+        wait = start.blocked_for
+        delay = wait + ctx.rng.uniform(0, min(max(wait, 0.5), 5.0))
+        return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason=BucketEmpty.kind,
+                           message=f"{provider} asked to wait {wait:.1f}s (429)")
+    verdict = start.verdict
+    if start.status == "refused":
+        assert verdict is not None
         if verdict.held:
             delay = ctx.hold_recheck * ctx.rng.uniform(0.5, 1.5)
             why = (f"{provider} is paused by an operator" if verdict.state == "paused" else
@@ -222,18 +257,46 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             why = f"circuit half-open at {provider}: another job is probing it"
         return await _wait(job_id, change, provider, attempt, ctx, bound, delay=delay, reason="circuit_open",
                            message=why)
-    # Only now is the job running: a job that waits on the circuit never shows as running.
-    # The ledger names this process as the owner, so a reaper re-enqueues the job if it dies.
-    previous = await ctx.ledger.running(job_id, owner=ctx.owner, queue=ctx.parking.queue if ctx.parking else None)
-    if previous in FINAL_STATES:
+    if start.status == "finished":
         await _record(ctx, provider, token, "neutral")  # hands back a probe it may hold
-        return await _already_finished(job_id, change, previous, attempt, ctx, bound)
+        return await _already_finished(job_id, change, start.previous, attempt, ctx, bound)
     started = time.time()
     calls = [0]
+    #: set once the job's finish script has recorded the outcome everywhere
+    finished: list[Attempt] = []
+
+    def ending(outcome: Outcome) -> tuple[Attempt, Call, Call | None]:
+        """The ledger's and the circuit's part of the finish script for `outcome`."""
+        took = (time.time() - started) * 1000
+        done = Attempt(attempt, started, "skipped" if outcome.result == "skipped" else "succeeded",
+                       duration_ms=round(took, 1), message=outcome.reason or outcome.result)
+        if outcome.result == "skipped":
+            ledger = ctx.ledger.transition_call(job_id, "skipped", mode="force", attempt=done,
+                                                fields=Ledger.skipped_fields(done, reason=outcome.reason or "skipped",
+                                                                             provider_id=outcome.provider_id))
+        else:
+            ledger = ctx.ledger.transition_call(job_id, "succeeded", mode="force", attempt=done,
+                                                fields=Ledger.succeeded_fields(done, result=outcome.result,
+                                                                               provider_id=outcome.provider_id,
+                                                                               unsupported=outcome.unsupported))
+        circuit = (ctx.circuit.record_call(provider, token, "success" if calls[0] else "neutral")
+                   if ctx.circuit is not None else None)
+        return done, ledger, circuit
+
+    async def finish(idem_key: str, provider_: str, client_id: str, *, owner: str, outcome: dict[str, Any],
+                     **bookkeeping: Any) -> str:
+        """`SyncStore.finish`, with the ledger and the circuit in the same script (worker.steps)."""
+        done, ledger, circuit = ending(Outcome.from_json(outcome))
+        answer, _state = await ctx.steps.finish(provider, ledger=ledger, circuit=circuit, store=ctx.store.finish_call(
+            idem_key, provider_, client_id, owner=owner, outcome=outcome, **bookkeeping))
+        if answer == "ok":
+            finished.append(done)
+        return answer
+
     counting = _calls.set(calls)
     try:
-        outcome = await apply_change(change, adapter, ctx.store, owner=token,
-                                     lock_wait=ctx.lock_wait, rng=ctx.rng)
+        outcome = await apply_change(change, adapter, ctx.store, owner=token, lock_wait=ctx.lock_wait, rng=ctx.rng,
+                                     first=start.begin, finish=finish)
     except BucketEmpty as exc:
         await _record(ctx, provider, token, "neutral")
         wait = exc.retry_after or 0.0
@@ -281,22 +344,18 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
     finally:
         _calls.reset(counting)
-    took = (time.time() - started) * 1000
-    done = Attempt(attempt, started, "skipped" if outcome.result == "skipped" else "succeeded",
-                   duration_ms=round(took, 1), message=outcome.reason or outcome.result)
-    if outcome.result == "skipped":
-        await ctx.ledger.skipped(job_id, done, reason=outcome.reason or "skipped",
-                                 provider_id=outcome.provider_id)
-    else:
-        await ctx.ledger.succeeded(job_id, done, result=outcome.result, provider_id=outcome.provider_id,
-                                   unsupported=outcome.unsupported)
-    await _record(ctx, provider, token, "success" if calls[0] else "neutral")
+    if finished:
+        done = finished[0]
+    else:  # a completed key answered (`replayed`): nothing to finish in the store
+        done, ledger_call, record_call = ending(outcome)
+        await ctx.steps.finish(provider, store=None, ledger=ledger_call, circuit=record_call)
+    took = done.duration_ms
     _outcome(logging.INFO, "applied", {**bound, "result": outcome.result, "reason": outcome.reason,
-                                       "replayed": outcome.replayed, "ms": round(took, 1)})
+                                       "replayed": outcome.replayed, "ms": took})
     return Decision(state="skipped" if outcome.result == "skipped" else "succeeded")
 
 
-def _circuit_outcome(exc: ClientSyncError, calls: int) -> Outcome:
+def _circuit_outcome(exc: ClientSyncError, calls: int) -> CircuitOutcome:
     """What one failed job tells the provider's circuit."""
     if calls == 0 or isinstance(exc, RateLimitedError | InternalError):
         return "neutral"  # never reached the provider, or it is up and only throttling
@@ -307,18 +366,7 @@ def _circuit_outcome(exc: ClientSyncError, calls: int) -> Outcome:
     return "neutral"
 
 
-async def _allow(ctx: JobContext, provider: str, token: str, adapter: ProviderAdapter) -> Verdict | None:
-    if ctx.circuit is None:
-        return None
-    try:
-        return await ctx.circuit.allow(provider, token, call_timeout=adapter.config.timeout,
-                                       fingerprint=credentials_fingerprint(adapter.config))
-    except Exception:  # fail open: a breaker we cannot read must not strand the job
-        log.warning("circuit check failed for %s; going ahead", provider, exc_info=True)
-        return None
-
-
-async def _record(ctx: JobContext, provider: str, token: str, outcome: Outcome, *,
+async def _record(ctx: JobContext, provider: str, token: str, outcome: CircuitOutcome, *,
                   fingerprint: str = "") -> CircuitState | None:
     if ctx.circuit is None:
         return None

@@ -183,10 +183,22 @@ end
 
 # ARGV: job_id, new state, now_ms, mode, fields JSON, entry JSON ('' for none), '1' if the entry is an
 # attempt, max finished jobs kept
-_TRANSITION = _LIB + """
+TRANSITION_LUA = _LIB + """
 local old = transition(ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], cjson.decode(ARGV[5]), ARGV[6],
                        ARGV[7] == '1', {}, tonumber(ARGV[8]))
 return old
+"""
+
+# One change's jobs at several providers, first sight of each (a known job is left as it is).
+# KEYS: the time index (unused: the prefixes are in _LIB); ARGV: now_ms, max finished jobs kept,
+# then pairs of (job_id, fields JSON) -> how many jobs were new
+_ENQUEUE_MANY = _LIB + """
+local now, keep, created = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
+for i = 3, #ARGV, 2 do
+  local _, moved = transition(ARGV[i], 'queued', now, 'create', cjson.decode(ARGV[i + 1]), '', false, {}, keep)
+  if moved then created = created + 1 end
+end
+return created
 """
 
 # Operator actions on many jobs at once, each guarded by the job's current state.
@@ -369,10 +381,26 @@ class Ledger:
         self.max_age_seconds = max_age_seconds
         self.trim_every = trim_every
         self._created = 0
-        self._transition = redis.register_script(_TRANSITION)
+        self._transition = redis.register_script(TRANSITION_LUA)
+        self._enqueue_many = redis.register_script(_ENQUEUE_MANY)
         self._operate = redis.register_script(_OPERATE)
         self._trim = redis.register_script(_TRIM)
         self._requeue_orphans = redis.register_script(_REQUEUE_ORPHANS)
+
+    def transition_call(
+        self,
+        job_id: str,
+        state: State,
+        *,
+        mode: str = "live",
+        fields: dict[str, Any] | None = None,
+        attempt: Attempt | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """One transition's keys and arguments (`TRANSITION_LUA`; also a piece of the job's start
+        and finish scripts, `worker.steps`)."""
+        return ([keys.job(job_id), keys.job_attempts(job_id), keys.JOBS_BY_TIME],
+                [job_id, state, now_ms(), mode, json.dumps(fields or {}),
+                 attempt.to_json() if attempt else "", "1" if attempt else "0", self.max_jobs])
 
     async def _move(
         self,
@@ -383,38 +411,54 @@ class Ledger:
         fields: dict[str, Any] | None = None,
         attempt: Attempt | None = None,
     ) -> str:
-        old = await self._transition(
-            keys=[keys.job(job_id), keys.job_attempts(job_id), keys.JOBS_BY_TIME],
-            args=[job_id, state, now_ms(), mode, json.dumps(fields or {}),
-                  attempt.to_json() if attempt else "", "1" if attempt else "0", self.max_jobs],
-        )
-        return _text(old)
+        script_keys, args = self.transition_call(job_id, state, mode=mode, fields=fields, attempt=attempt)
+        return _text(await self._transition(keys=script_keys, args=args))
 
     # --- writes ----------------------------------------------------------------------------
-    async def enqueued(self, change: ClientChange, provider: str, *, received_at: float | None = None) -> str:
-        """First sight of a job; a no-op if the job is already known (a redelivered fan-out)."""
-        job_id = keys.job_id(provider, change.event_id)
-        old = await self._move(job_id, "queued", mode="create", fields={
+    @staticmethod
+    def _queued_fields(change: ClientChange, provider: str, received_at: float | None) -> dict[str, Any]:
+        return {
             "provider": provider,
             "event_id": change.event_id,
             "client_id": change.client.id,
             "action": change.action,
             "change": change.model_dump_json(),
             "received_at": received_at or time.time(),
-        })
-        if not old:
+        }
+
+    async def enqueued(self, change: ClientChange, provider: str, *, received_at: float | None = None) -> str:
+        """First sight of a job; a no-op if the job is already known (a redelivered fan-out)."""
+        return (await self.enqueued_many(change, [provider], received_at=received_at))[0]
+
+    async def enqueued_many(self, change: ClientChange, providers: Sequence[str], *,
+                            received_at: float | None = None) -> list[str]:
+        """First sight of one change's job at each of `providers`, in one round trip; a job
+        already known (a redelivered fan-out) is left as it is. Returns the job ids, in order."""
+        job_ids = [keys.job_id(p, change.event_id) for p in providers]
+        if not job_ids:
+            return []
+        args: list[Any] = [now_ms(), self.max_jobs]
+        for provider, job_id in zip(providers, job_ids, strict=True):
+            args += [job_id, json.dumps(self._queued_fields(change, provider, received_at))]
+        created = await self._enqueue_many(keys=[keys.JOBS_BY_TIME], args=args)
+        for _ in range(int(created)):
             await self._maybe_trim()
-        return job_id
+        return job_ids
+
+    @staticmethod
+    def running_fields(owner: str | None, queue: str | None) -> dict[str, Any]:
+        """The fields a `running` transition sets (see `running`)."""
+        fields: dict[str, Any] = {"next_attempt_at": None}
+        if owner is not None:
+            fields.update(owner=owner, queue=queue)
+        return fields
 
     async def running(self, job_id: str, *, owner: str | None = None, queue: str | None = None) -> str:
         """Returns the previous state (a final one means this run is a redelivered duplicate).
 
         `owner` (the process's id in `keys.OWNERS`) and `queue` let a reaper re-enqueue the job
         if that process dies while running it (`worker.inflight`)."""
-        fields: dict[str, Any] = {"next_attempt_at": None}
-        if owner is not None:
-            fields.update(owner=owner, queue=queue)
-        return await self._move(job_id, "running", fields=fields)
+        return await self._move(job_id, "running", fields=self.running_fields(owner, queue))
 
     async def retrying(self, job_id: str, attempt: Attempt) -> None:
         await self._move(job_id, "retrying", attempt=attempt, fields={
@@ -422,19 +466,32 @@ class Ledger:
             "last_error_class": attempt.error_class or "",
         })
 
+    @staticmethod
+    def succeeded_fields(attempt: Attempt, *, result: str, provider_id: str | None,
+                         unsupported: Sequence[str] = ()) -> dict[str, Any]:
+        """The fields a `succeeded` transition sets (mode `force`, with `attempt`)."""
+        return {
+            "result": result, "provider_id": provider_id, "reason": None, "next_attempt_at": None,
+            "finished_at": attempt.at, "unsupported": ",".join(unsupported) or None,
+        }
+
+    @staticmethod
+    def skipped_fields(attempt: Attempt, *, reason: str, provider_id: str | None) -> dict[str, Any]:
+        """The fields a `skipped` transition sets (mode `force`, with `attempt`)."""
+        return {
+            "result": "skipped", "reason": reason, "provider_id": provider_id, "next_attempt_at": None,
+            "finished_at": attempt.at,
+        }
+
     async def succeeded(self, job_id: str, attempt: Attempt, *, result: str, provider_id: str | None,
                         unsupported: Sequence[str] = ()) -> None:
         """`unsupported`: canonical fields the provider could not take (shown on the job)."""
-        await self._move(job_id, "succeeded", mode="force", attempt=attempt, fields={
-            "result": result, "provider_id": provider_id, "reason": None, "next_attempt_at": None,
-            "finished_at": attempt.at, "unsupported": ",".join(unsupported) or None,
-        })
+        await self._move(job_id, "succeeded", mode="force", attempt=attempt, fields=self.succeeded_fields(
+            attempt, result=result, provider_id=provider_id, unsupported=unsupported))
 
     async def skipped(self, job_id: str, attempt: Attempt, *, reason: str, provider_id: str | None) -> None:
-        await self._move(job_id, "skipped", mode="force", attempt=attempt, fields={
-            "result": "skipped", "reason": reason, "provider_id": provider_id, "next_attempt_at": None,
-            "finished_at": attempt.at,
-        })
+        await self._move(job_id, "skipped", mode="force", attempt=attempt,
+                         fields=self.skipped_fields(attempt, reason=reason, provider_id=provider_id))
 
     async def dead(self, job_id: str, attempt: Attempt) -> None:
         await self._move(job_id, "dead", mode="force", attempt=attempt, fields={

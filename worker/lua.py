@@ -9,3 +9,22 @@ local function now_ms(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 """
+
+
+def as_function(name: str, script: str) -> str:
+    """`script` (a whole script, as registered on its own) as `local function name(KEYS, ARGV)`.
+
+    Scripts compose without copying their logic: a combined script calls each piece with its
+    own slice of keys and arguments (`slice`), and each piece keeps one source of truth.
+    """
+    return f"local function {name}(KEYS, ARGV)\n{script}\nend\n"
+
+
+#: `slice(t, from, n)`: `n` items of `t` from index `from` (a piece's KEYS or ARGV in a combined script)
+SLICE_LUA = """
+local function slice(t, from, n)
+  local out = {}
+  for i = 1, n do out[i] = t[from + i - 1] end
+  return out
+end
+"""

@@ -15,6 +15,15 @@ a longer wait takes nothing and raises `BucketEmpty`, a `RateLimitedError` whose
 `block` records a provider's own 429 `Retry-After`: no call to that provider starts before
 it ends, from any worker, and the bucket restarts empty so the backlog does not burst.
 
+`before_call` is what every provider call awaits. A provider with a limit takes a token from
+the shared bucket (`acquire`, one round trip per call: the bucket is only right if every call
+is counted). A provider without one has nothing to count, only 429 blocks to honour, so it
+makes no round trip per call: each job reads the block once, in its start script
+(`worker.steps`, `BLOCKED_FOR_LUA`), and a job that meets a block longer than `max_wait` is
+parked before it starts. What a start read (or this process's own `block`) learns is kept for
+the whole process (`learn_block`), so a job already past its start stops before its next call
+as soon as any job of its process has started since the block (or hit the 429 itself).
+
 Hash `keys.rate_bucket(provider)`; fields (stable: the monitor reads them):
 
 - `limit`, `period`: the configured limit, `limit` calls per `period` seconds (0 = no limit:
@@ -31,8 +40,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -98,7 +109,7 @@ return cur
 """
 
 # KEYS[1] bucket; ARGV: now_ms ('' = Redis time) -> ms left of a block (0 = none)
-_BLOCKED_FOR = NOW_LUA + """
+BLOCKED_FOR_LUA = NOW_LUA + """
 local now = now_ms(ARGV[1])
 local b = math.floor((tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0) * 1000 + 0.5)
 return math.max(0, b - now)
@@ -157,7 +168,38 @@ class RateLimiter:
         self.max_wait = max_wait
         self._acquire = redis.register_script(_ACQUIRE)
         self._block = redis.register_script(_BLOCK)
-        self._blocked_for = redis.register_script(_BLOCKED_FOR)
+        self._blocked_for = redis.register_script(BLOCKED_FOR_LUA)
+        #: provider -> `time.monotonic()` at which the latest 429 block this process knows of ends
+        self._known_blocks: dict[str, float] = {}
+
+    def has_limit(self, provider: str) -> bool:
+        """Whether calls to `provider` are counted in a shared bucket (else only 429 blocks apply)."""
+        return bool(self.limits.get(provider, Limit(None, 1.0)).calls)
+
+    async def before_call(self, provider: str) -> None:
+        """Before each call: a token from the shared bucket where `provider` has a limit; else wait
+        out (or, if it is far off, raise `BucketEmpty` for) a 429 block this process knows of."""
+        if self.has_limit(provider):
+            await self.acquire(provider)
+            return
+        waited = 0.0
+        while (left := self._known_blocks.get(provider, 0.0) - time.monotonic()) > 0:
+            if waited + left > self.max_wait:
+                raise BucketEmpty(f"{provider} asked to wait {left:.1f}s (429)", provider=provider, retry_after=left)
+            await asyncio.sleep(left)
+            waited += left
+
+    def learn_block(self, provider: str, seconds: float) -> None:
+        """A 429 block of `seconds` from now (read from Redis, or recorded here): this process's
+        jobs honour it before their next call to `provider`."""
+        if seconds > 0:
+            until = time.monotonic() + seconds
+            if until > self._known_blocks.get(provider, 0.0):
+                self._known_blocks[provider] = until
+
+    def blocked_for_call(self, provider: str, *, now_ms: int | None = None) -> tuple[list[str], list[Any]]:
+        """`blocked_for`'s keys and arguments (also a piece of the job's start script, `worker.steps`)."""
+        return [keys.rate_bucket(provider)], ["" if now_ms is None else now_ms]
 
     async def try_acquire(self, provider: str, *, max_wait: float | None = None,
                           now_ms: int | None = None) -> Grant:
@@ -196,6 +238,8 @@ class RateLimiter:
         """No call to `provider` starts for `seconds` (a 429's Retry-After); returns the end (ms)."""
         until = await self._block(keys=[keys.rate_bucket(provider)],
                                   args=[max(0, math.ceil(seconds * 1000)), "" if now_ms is None else now_ms])
+        if now_ms is None:  # (a pinned clock is a test's Redis-side check, not this process's)
+            self.learn_block(provider, seconds)
         log.info("rate limit: %s blocked for %.1fs by its 429", provider, seconds)
         return int(until)
 

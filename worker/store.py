@@ -27,7 +27,7 @@ from worker.lua import NOW_LUA
 
 _OWNER = keys.record_owner("", "")[: -len(":")]  # "cs:owner:" (provider and id appended in Lua)
 
-_BEGIN = NOW_LUA + """
+BEGIN_LUA = NOW_LUA + """
 local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
 local fp, owner, now, lease, ttl = ARGV[1], ARGV[2], now_ms(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local cur = redis.call('HMGET', idem, 'status', 'fp', 'owner', 'lease', 'outcome')
@@ -123,7 +123,7 @@ return 'ok'
 # KEYS: idempotency, client state, client lock
 # ARGV: owner, outcome, link_op ('keep'|'set'|'del'), link, mark_v, mark_t, deleted ('0'|'1'|''), ttl,
 #       provider, client id, settled ('1': this run got a clear answer from a write)
-_FINISH = f"local OWNER = {json.dumps(_OWNER)}\n" + """
+FINISH_LUA = f"local OWNER = {json.dumps(_OWNER)}\n" + """
 local idem, state, lock = KEYS[1], KEYS[2], KEYS[3]
 local owner, op, link, provider, client = ARGV[1], ARGV[3], ARGV[4], ARGV[9], ARGV[10]
 -- Both the claim and the client lock must still be ours: after a lease ran out, another run
@@ -275,6 +275,34 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+def parse_begin(raw: Any) -> Begin:
+    """`BEGIN_LUA`'s reply as a `Begin`."""
+    status = _text(raw[0])
+    vals = [_text(v) for v in raw[1:]]
+    if status == "done":
+        return Begin("done", outcome=json.loads(vals[0]) if vals and vals[0] else {})
+    if status == "conflict":
+        return Begin("conflict")
+    if status in ("inflight", "locked", "unsettled"):
+        ms = float(vals[0]) if vals and vals[0] else 0.0
+        return Begin(status, wait_seconds=max(ms, 0.0) / 1000)  # type: ignore[arg-type]
+    takeover, link, mark_v, mark_t, deleted, intent, del_intent, resolution, unsettled = vals
+    return Begin(
+        "go",
+        state=ClientState(
+            link=link or None,
+            mark_version=_int_or_none(mark_v),
+            mark_micros=_int_or_none(mark_t),
+            deleted=deleted == "1",
+            intent=intent or None,
+            takeover=takeover == "1",
+            del_intent=del_intent or None,
+            resolution=json.loads(resolution) if resolution else None,
+            unsettled=bool(unsettled),
+        ),
+    )
+
+
 class SyncStore:
     """The Redis state behind exactly-once effect; see the module docstring."""
 
@@ -283,11 +311,11 @@ class SyncStore:
         self.ttl = idempotency_ttl
         self.lease_seconds = lease_seconds
         self.lease_ms = int(lease_seconds * 1000)
-        self._begin = redis.register_script(_BEGIN)
+        self._begin = redis.register_script(BEGIN_LUA)
         self._intent = redis.register_script(_MARK_INTENT)
         self._renew = redis.register_script(_RENEW)
         self._claim = redis.register_script(_CLAIM)
-        self._finish = redis.register_script(_FINISH)
+        self._finish = redis.register_script(FINISH_LUA)
         self._abort = redis.register_script(_ABORT)
         self._resolve = redis.register_script(_RESOLVE)
         self._set_link = redis.register_script(_SET_LINK)
@@ -301,38 +329,19 @@ class SyncStore:
             keys.idempotency(idem_key), keys.client_state(provider, client_id), keys.client_lock(provider, client_id)
         ]
 
+    def begin_call(self, idem_key: str, provider: str, client_id: str, *, fingerprint: str, owner: str,
+                   now_ms: int | None = None) -> tuple[list[str], list[Any]]:
+        """`begin`'s keys and arguments (also a piece of the job's start script, `worker.steps`)."""
+        return (self._keys(idem_key, provider, client_id),
+                [fingerprint, owner, "" if now_ms is None else now_ms, self.lease_ms, self.ttl])
+
     async def begin(
         self, idem_key: str, provider: str, client_id: str, *, fingerprint: str, owner: str,
         now_ms: int | None = None,
     ) -> Begin:
-        raw = await self._begin(
-            keys=self._keys(idem_key, provider, client_id),
-            args=[fingerprint, owner, "" if now_ms is None else now_ms, self.lease_ms, self.ttl],
-        )
-        status = _text(raw[0])
-        vals = [_text(v) for v in raw[1:]]
-        if status == "done":
-            return Begin("done", outcome=json.loads(vals[0]) if vals and vals[0] else {})
-        if status == "conflict":
-            return Begin("conflict")
-        if status in ("inflight", "locked", "unsettled"):
-            ms = float(vals[0]) if vals and vals[0] else 0.0
-            return Begin(status, wait_seconds=max(ms, 0.0) / 1000)  # type: ignore[arg-type]
-        takeover, link, mark_v, mark_t, deleted, intent, del_intent, resolution, unsettled = vals
-        return Begin(
-            "go",
-            state=ClientState(
-                link=link or None,
-                mark_version=_int_or_none(mark_v),
-                mark_micros=_int_or_none(mark_t),
-                deleted=deleted == "1",
-                intent=intent or None,
-                takeover=takeover == "1",
-                del_intent=del_intent or None,
-                resolution=json.loads(resolution) if resolution else None,
-                unsettled=bool(unsettled),
-            ),
-        )
+        script_keys, args = self.begin_call(idem_key, provider, client_id, fingerprint=fingerprint, owner=owner,
+                                            now_ms=now_ms)
+        return parse_begin(await self._begin(keys=script_keys, args=args))
 
     async def mark_intent(
         self, idem_key: str, provider: str, client_id: str, *, owner: str, intent: str,
@@ -375,7 +384,7 @@ class SyncStore:
         values = await self.redis.mget([keys.record_owner(provider, pid) for pid in provider_ids])
         return {pid: _text(v) for pid, v in zip(provider_ids, values, strict=True) if v}
 
-    async def finish(
+    def finish_call(
         self,
         idem_key: str,
         provider: str,
@@ -388,27 +397,31 @@ class SyncStore:
         mark: tuple[int, int] | None = None,
         deleted: bool | None = None,
         settled: bool = False,
-    ) -> str:
-        """Record the outcome: 'ok'; 'lost' if our claim or the client lock was lost meanwhile;
-        'owned:<client>' if the record to link belongs to another client (nothing is written)."""
+    ) -> tuple[list[str], list[Any]]:
+        """`finish`'s keys and arguments (also a piece of the job's finish script, `worker.steps`)."""
         link_op = "del" if unlink else ("set" if link else "keep")
-        raw = await self._finish(
-            keys=self._keys(idem_key, provider, client_id),
-            args=[
-                owner,
-                json.dumps(outcome, sort_keys=True),
-                link_op,
-                link or "",
-                "" if mark is None else str(mark[0]),
-                "" if mark is None else str(mark[1]),
-                "" if deleted is None else ("1" if deleted else "0"),
-                self.ttl,
-                provider,
-                client_id,
-                "1" if settled else "0",
-            ],
-        )
-        return _text(raw)
+        return self._keys(idem_key, provider, client_id), [
+            owner,
+            json.dumps(outcome, sort_keys=True),
+            link_op,
+            link or "",
+            "" if mark is None else str(mark[0]),
+            "" if mark is None else str(mark[1]),
+            "" if deleted is None else ("1" if deleted else "0"),
+            self.ttl,
+            provider,
+            client_id,
+            "1" if settled else "0",
+        ]
+
+    async def finish(self, idem_key: str, provider: str, client_id: str, *, owner: str, outcome: dict[str, Any],
+                     **bookkeeping: Any) -> str:
+        """Record the outcome: 'ok'; 'lost' if our claim or the client lock was lost meanwhile;
+        'owned:<client>' if the record to link belongs to another client (nothing is written).
+        `bookkeeping`: `link`, `unlink`, `mark`, `deleted`, `settled` (see `finish_call`)."""
+        script_keys, args = self.finish_call(idem_key, provider, client_id, owner=owner, outcome=outcome,
+                                             **bookkeeping)
+        return _text(await self._finish(keys=script_keys, args=args))
 
     async def abort(self, idem_key: str, provider: str, client_id: str, *, owner: str,
                     unsettle_seconds: float | None = None, now_ms: int | None = None,

@@ -25,7 +25,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -49,6 +49,8 @@ from worker.store import Begin, ClientState, SyncStore
 log = logging.getLogger("clientsync.sync")
 
 Result = Literal["created", "updated", "adopted", "deleted", "skipped"]
+#: `SyncStore.finish`'s signature: (idem key, provider, client id, *, owner, outcome, **bookkeeping) -> answer
+Finish = Callable[..., Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,19 @@ async def apply_change(
     owner: str,
     lock_wait: float,
     rng: random.Random | None = None,
+    first: Begin | None = None,
+    finish: Finish | None = None,
 ) -> Outcome:
-    """Apply `change` at `adapter`'s provider; raises typed errors for the caller to route."""
+    """Apply `change` at `adapter`'s provider; raises typed errors for the caller to route.
+
+    `first`: the answer of a claim already tried (by the job's start script, `worker.steps`);
+    `finish`: records the outcome in place of `SyncStore.finish` (the job's finish script), with
+    the same arguments and answers.
+    """
     provider = adapter.name
     client_id = change.client.id
     idem = keys.idempotency_key(change.event_id, provider, change.action)
-    begin = await _claim(change, store, idem, provider, owner=owner, lock_wait=lock_wait, rng=rng)
+    begin = await _claim(change, store, idem, provider, owner=owner, lock_wait=lock_wait, rng=rng, first=first)
     if begin.status == "done":
         return Outcome.from_json(begin.outcome or {"result": "skipped"}, replayed=True)
     assert begin.state is not None
@@ -117,8 +126,8 @@ async def apply_change(
         renewer.cancel()
         lease.current.reset(lease_token)
         lease.writes.reset(writes_token)
-    answer = await store.finish(idem, provider, client_id, owner=owner, outcome=outcome.to_json(),
-                                settled=run.wrote, **bookkeeping)
+    answer = await (finish or store.finish)(idem, provider, client_id, owner=owner, outcome=outcome.to_json(),
+                                            settled=run.wrote, **bookkeeping)
     if answer == "lost":
         # Our lease ran out during the call and another run may own the client now. The
         # effect may have happened; the retry reconciles it (a recorded intent makes it look
@@ -180,16 +189,20 @@ async def _claim(
     owner: str,
     lock_wait: float,
     rng: random.Random | None,
+    first: Begin | None = None,
 ) -> Begin:
-    """Claim the job and lock the client, waiting briefly while another worker holds either."""
+    """Claim the job and lock the client, waiting briefly while another worker holds either.
+
+    `first`: the answer of a first try made elsewhere (the job's start script)."""
     rng = rng or random.Random()
     deadline = time.monotonic() + lock_wait
     pause = 0.01
     while True:
-        begin = await store.begin(
+        begin = first or await store.begin(
             idem, provider, change.client.id,
             fingerprint=change.fingerprint(), owner=owner,
         )
+        first = None
         if begin.status in ("go", "done"):
             return begin
         if begin.status == "conflict":

@@ -1,0 +1,145 @@
+"""Redis round trips per job on the success path (issue 10), counted by the server itself.
+
+A redis-server of this module's own (nobody else's commands in its counters), the five sandbox
+providers over HTTP on loopback, a `JobContext` built as the worker runtime builds it (limits from
+`limit_for`, the adapters' `before_call` hook), and the task's own steps: `fan_out`, then each
+provider's first attempt. Round trips = requests Redis read (`INFO stats` `total_reads_processed`,
+as the bench counts them), less the `INFO` that reads the count.
+
+Per job: the start script and the finish script (`worker.steps`); a create also records its
+intent (`SyncStore.mark_intent`) before its call; a provider with a published rate limit (Qonto)
+takes a shared token per call. The fan-out opens every provider's job in one round trip.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import change
+from worker.circuit import CircuitBreaker
+from worker.jobs import JobContext, RetryPolicy, before_call_hook, fan_out, run_job
+from worker.ledger import Ledger
+from worker.models import ClientChange
+from worker.parking import Parking
+from worker.providers import adapter_class, load_configs
+from worker.ratelimit import RateLimiter, limit_for
+from worker.redis_server import EmbeddedRedis
+from worker.sandbox.server import RunningSandbox, start_sandbox
+from worker.store import SyncStore
+
+PROVIDERS = ["grow_crm", "invoice_ninja", "lsp_expert", "qonto", "request_finance"]
+
+
+@pytest.fixture(scope="module")
+def own_redis_url() -> Iterator[str]:
+    """A redis-server nobody else talks to: its counters are this module's alone."""
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[RunningSandbox]:
+    sb = await start_sandbox(names=PROVIDERS)
+    yield sb
+    await sb.stop()
+
+
+@pytest.fixture
+async def redis(own_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(own_redis_url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def ctx(sandbox: RunningSandbox, redis: aioredis.Redis,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[JobContext]:
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    configs = {name: config for name, config in load_configs().items() if name in PROVIDERS}
+    async with aiohttp.ClientSession() as session:
+        limiter = RateLimiter(redis, {n: limit_for(n, c) for n, c in configs.items()}, max_wait=5)
+        adapters = {}
+        for name, config in configs.items():
+            adapters[name] = adapter_class(name)(config, session)
+            adapters[name].before_call = before_call_hook(limiter)
+        yield JobContext(
+            store=SyncStore(redis, idempotency_ttl=3600, lease_seconds=30),
+            ledger=Ledger(redis),
+            adapters=adapters,
+            policies={n: RetryPolicy(max_attempts=3, base=0.5, cap=2) for n in adapters},
+            disabled={},
+            owner="test",
+            lock_wait=0.5,
+            rng=random.Random(1),
+            parking=Parking(redis, queue="celery"),
+            limiter=limiter,
+            circuit=CircuitBreaker(redis, threshold=5, cooldown=30, max_cooldown=60, probe_lease=30),
+        )
+
+
+async def reads(redis: aioredis.Redis) -> int:
+    """Requests Redis has read so far (this `INFO` is one of them)."""
+    return int((await redis.info("stats"))["total_reads_processed"])
+
+
+def a_change(client_id: str, n: int) -> ClientChange:
+    # Grow CRM needs a person's names for the account owner.
+    return ClientChange.model_validate(change(f"e-{client_id}-{n}-{time.time_ns()}", client_id,
+                                              name=f"Client {client_id} v{n}",
+                                              contacts=[{"first_name": "Jane", "last_name": f"Owner {n}"}]))
+
+
+async def one_change(ctx: JobContext, redis: aioredis.Redis, sandbox: RunningSandbox,
+                     c: ClientChange) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The fan-out's round trips, and each provider's job's (round trips, provider calls)."""
+    before = await reads(redis)
+    found, providers = await fan_out(c.model_dump(mode="json"), ctx, task_id="t", received_at=time.time())
+    fan = await reads(redis) - before - 1
+    assert found is not None and providers == PROVIDERS
+    per_job: dict[str, tuple[int, int]] = {}
+    for provider in providers:
+        calls = len(sandbox.simulators[provider].calls)
+        before = await reads(redis)
+        decision = await run_job(c, provider, 1, ctx)
+        used = await reads(redis) - before - 1
+        assert decision.state == "succeeded", (provider, decision)
+        per_job[provider] = (used, len(sandbox.simulators[provider].calls) - calls)
+    return fan, per_job
+
+
+async def test_a_job_costs_two_round_trips_to_update_and_three_to_create_plus_a_token_per_limited_call(
+    ctx: JobContext, redis: aioredis.Redis, sandbox: RunningSandbox
+) -> None:
+    assert ctx.limiter is not None
+    limited = {p for p in PROVIDERS if ctx.limiter.limits[p].calls}
+    assert limited == {"qonto"}  # Qonto publishes 1,000 calls per 10 s; the others are unlimited here
+    # Warm up: Redis loads each script once per process (EVALSHA, NOSCRIPT, SCRIPT LOAD), and each
+    # provider's epoch is read once per process.
+    await one_change(ctx, redis, sandbox, a_change("warm", 1))
+
+    fan, created = await one_change(ctx, redis, sandbox, a_change("c1", 1))
+    assert fan == 1  # every provider's job opened at once
+    for provider, (used, calls) in created.items():
+        # start, intent, finish; plus one shared token per call where a limit is configured
+        assert used == 3 + (calls if provider in limited else 0), (provider, used, calls)
+
+    fan, updated = await one_change(ctx, redis, sandbox, a_change("c1", 2))
+    assert fan == 1
+    for provider, (used, calls) in updated.items():
+        assert used == 2 + (calls if provider in limited else 0), (provider, used, calls)
+
+    unlimited = [p for p in PROVIDERS if p not in limited]
+    assert all(created[p][0] == 3 for p in unlimited) and all(updated[p][0] == 2 for p in unlimited)
+    per_job_create = (1 + sum(used for used, _ in created.values())) / len(PROVIDERS)
+    per_job_update = (1 + sum(used for used, _ in updated.values())) / len(PROVIDERS)
+    # With Qonto's tokens (3 calls to create: two lookups and the POST; 1 to update).
+    assert per_job_create == (1 + 5 * 3 + created["qonto"][1]) / 5 <= 3.8
+    assert per_job_update == (1 + 5 * 2 + updated["qonto"][1]) / 5 <= 2.6
