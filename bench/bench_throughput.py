@@ -598,6 +598,13 @@ def make_changes(tag: str, n: int) -> list[dict[str, Any]]:
     } for i in range(n)]
 
 
+def make_updates(tag: str, created: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An update of each of these (now linked) clients: the update path, every event id new."""
+    now = datetime.now(UTC).isoformat()
+    return [{**c, "event_id": f"{tag}-{i}", "occurred_at": now,
+             "client": {**c["client"], "name": f"{c['client']['name']} (updated)"}} for i, c in enumerate(created)]
+
+
 def sync_messages(changes: Sequence[dict[str, Any]]) -> list[str]:
     """The Celery messages the receiver would push for these changes (worker.producer.task_message)."""
     now = time.time()
@@ -701,14 +708,15 @@ class Drain:
 
 
 def clientsync_drain(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[str], providers: Sequence[str],
-                     n: int, tag: str, args: argparse.Namespace) -> Drain:
+                     n: int, tag: str, args: argparse.Namespace,
+                     changes: Sequence[dict[str, Any]] | None = None) -> Drain:
     """Stage n changes, hand them to the warm, idle workers at once, time them to the last applied job.
 
     Rate = jobs / (last job's succeeded time in the ledger - the release). Redis usage covers the
     release to the poll that saw the last job final (the workers' side of the path only: the
     receiver's part is measured by `receiver_cost`).
     """
-    changes = make_changes(tag, n)
+    changes = list(changes) if changes is not None else make_changes(tag, n)
     staging = f"bench:staging:{tag}"
     meter.stage(staging, sync_messages(changes))
     stats_before = stats_of(r, providers)
@@ -1096,6 +1104,8 @@ class ClientsyncRun:
     rss_mb: float
     hwm_mb: float
     sample: ScriptSample | None
+    #: the same clients updated (linked: no lookup), drained like the creates
+    update: Drain | None = None
 
 
 def cmd_e2e(args: argparse.Namespace) -> list[str]:
@@ -1134,8 +1144,12 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
             wait_final(meter, stack, workers, providers, base + (SENDERS + args.warmup) * len(providers),
                        args.timeout, args.poll_ms / 1000)
             idle = idle_usage(meter, args.idle_seconds)
-            drain = clientsync_drain(stack, meter, r, workers, providers, n, f"{tag}d", args)
+            created = make_changes(f"{tag}d", n)
+            drain = clientsync_drain(stack, meter, r, workers, providers, n, f"{tag}d", args, created)
             say(f"    drain: {drain.jobs_per_s:,.0f} jobs/s, {drain.changes_per_s:,.1f} changes/s")
+            update = clientsync_drain(stack, meter, r, workers, providers, n, f"{tag}u", args,
+                                      make_updates(f"{tag}u", created))
+            say(f"    updates of those clients: {update.jobs_per_s:,.0f} jobs/s, {update.changes_per_s:,.1f} changes/s")
             rate = args.load * drain.changes_per_s
             lat = latency_phase(stack, meter, r, workers, providers, latency_ms, latency_n, rate, f"{tag}l", args)
             rss, hwm = sampler.finish()
@@ -1145,7 +1159,7 @@ def cmd_e2e(args: argparse.Namespace) -> list[str]:
             stop(stack, workers)
             require(not problems, "the worker logged errors:\n" + "\n".join(problems[:20]))
             runs.append(ClientsyncRun(latency_ms, drain, receiver, len(receiver_changes), idle, lat, rss, hwm,
-                                      sample))
+                                      sample, update))
     return report_e2e(args, n, noop, (noop_rss, noop_hwm), runs, redis_version)
 
 
@@ -1163,7 +1177,11 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
               + [[f"clientsync, {p} providers", f"{run.latency_ms:g} ms", num(run.drain.jobs),
                   num(run.drain.changes_per_s), num(run.drain.jobs_per_s), num(run.drain.changes_per_s, 1),
                   f"{run.drain.jobs_per_s / noop.per_s:.3f}", f"{run.drain.changes_per_s / noop.per_s:.3f}",
-                  f"{run.rss_mb:.0f} / {run.hwm_mb:.0f}"] for run in runs]),
+                  f"{run.rss_mb:.0f} / {run.hwm_mb:.0f}"] for run in runs]
+              + [[f"clientsync, {p} providers, updates of linked clients", f"{run.latency_ms:g} ms",
+                  num(run.update.jobs), num(run.update.changes_per_s), num(run.update.jobs_per_s),
+                  num(run.update.changes_per_s, 1), f"{run.update.jobs_per_s / noop.per_s:.3f}",
+                  f"{run.update.changes_per_s / noop.per_s:.3f}", "-"] for run in runs if run.update is not None]),
         "",
         "A change is one webhook = one Celery task (`clientsync.sync_client`) = one job per provider; the "
         "tasks/s column of a clientsync row is its changes/s. Provider calls per job in these drains (sandbox "
@@ -1223,6 +1241,15 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
                  f"{noop.usage.reads / noop.tasks:.2f}", f"{noop.usage.total_commands / noop.tasks:.1f}", "-",
                  f"{noop.usage.scripts / noop.tasks:.2f}", num(noop.usage.net_in / noop.tasks),
                  num(noop.usage.net_out / noop.tasks), f"{noop.usage.cpu / noop.tasks * 1e6:.0f}", "-"])
+    for run in runs:
+        if run.update is None:
+            continue
+        d, u, rc = run.update, run.update.usage, run.receiver
+        recv_rt = rc.reads / run.receiver_changes / p
+        rows.append([f"{run.latency_ms:g} ms, updates of linked clients", f"{u.reads / d.jobs:.2f}", f"{recv_rt:.2f}",
+                     f"**{u.reads / d.jobs + recv_rt:.2f}**", f"{u.total_commands / d.jobs:.1f}",
+                     f"{rc.total_commands / run.receiver_changes / p:.1f}", f"{u.scripts / d.jobs:.2f}",
+                     num(u.net_in / d.jobs), num(u.net_out / d.jobs), f"{u.cpu / d.jobs * 1e6:.0f}", "-"])
     out.append(table(["provider latency", "round trips, workers", "+ receiver", "round trips", "commands, workers",
                       "+ receiver", "scripts (EVALSHA)", "bytes in", "bytes out", "Redis CPU µs",
                       "idle workers: round trips/s / commands/s"], rows))
