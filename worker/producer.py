@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker import keys
-from worker.models import ClientChange, mask_emails
+from worker.models import ClientChange, fingerprint_of, mask_emails
 
 SYNC_TASK = "clientsync.sync_client"
 
@@ -50,8 +50,26 @@ return 0
 """
 
 
+def _masked(value: Any) -> Any:
+    """`value` as JSON-ready data with every email in its strings masked.
+
+    Masking each string that holds an '@' rather than the JSON text of the whole value: the
+    email pattern is tried at every position of the text it scans, about a twentieth of the
+    receiver's time per webhook when it scanned the whole payload.
+    """
+    if isinstance(value, str):
+        return mask_emails(value) if "@" in value else value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {(_masked(k) if isinstance(k, str) else k): _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return _masked(str(value))
+
+
 def _readable(value: Any, limit: int = 1000) -> str:
-    text = mask_emails(json.dumps(value, ensure_ascii=False, default=str))
+    text = json.dumps(_masked(value), ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -201,7 +219,7 @@ class Producer:
         message = task_message(SYNC_TASK, [payload], {"received_at": received_at}, queue=self.queue,
                                task_id=task_id)
         script_keys: list[str] = [keys.event(change.event_id), self.queue]
-        script_args: list[str | int] = [task_id, self.event_ttl, message, change.fingerprint()]
+        script_args: list[str | int] = [task_id, self.event_ttl, message, fingerprint_of(payload)]
         if not await self.durability.wanted(self.redis):
             # No WAITAOF to follow: any pooled connection will do (a dedicated client costs a
             # redis-py client object per webhook, about a tenth of the receiver's time).
