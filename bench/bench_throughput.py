@@ -345,7 +345,7 @@ return n
         self.polls += 1
         return int(self.call("EVALSHA", self.backlog_sha, 2, queue, UNACKED, inner={"llen": 1, "hlen": 1}))
 
-    def stage(self, key: str, messages: Sequence[str], chunk: int = 500) -> None:
+    def stage(self, key: str, messages: Sequence[bytes], chunk: int = 500) -> None:
         """Put messages on a list nobody consumes (outside any measured window)."""
         self.call("DEL", key)
         for i in range(0, len(messages), chunk):
@@ -597,7 +597,7 @@ def make_changes(tag: str, n: int) -> list[dict[str, Any]]:
     } for i in range(n)]
 
 
-def sync_messages(changes: Sequence[dict[str, Any]]) -> list[str]:
+def sync_messages(changes: Sequence[dict[str, Any]]) -> list[bytes]:
     """The Celery messages the receiver would push for these changes (worker.producer.task_message)."""
     now = time.time()
     return [task_message(SYNC_TASK, [c], {"received_at": now}, queue=QUEUE, task_id=str(uuid.uuid4()))
