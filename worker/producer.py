@@ -60,12 +60,14 @@ def _masked(value: Any) -> Any:
     """
     if isinstance(value, str):
         return mask_emails(value) if "@" in value else value
-    if value is None or isinstance(value, bool | int | float):
+    if value is None:
         return value
-    if isinstance(value, dict):
-        return {(_masked(k) if isinstance(k, str) else k): _masked(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys: strings, or numbers and the like (JSON makes them strings)
+        return {_masked(k): _masked(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_masked(v) for v in value]
+    if isinstance(value, bool | int | float):
+        return value
     return _masked(str(value))
 
 
