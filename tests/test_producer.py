@@ -89,3 +89,14 @@ async def test_every_change_of_a_batch_fails_when_redis_is_unreachable() -> None
                                    return_exceptions=True)
     assert all(isinstance(res, redis.exceptions.ConnectionError) for res in results)
     await dead.aclose()
+
+
+async def test_what_orjson_cannot_write_is_queued_all_the_same(r: aioredis.Redis) -> None:
+    producer = Producer(r, queue="celery", event_ttl=60)
+    huge = 2**70  # past 64 bits: orjson refuses it, the standard library writes it
+    sent = _change("e1", "c-1", name="Zoë Café", version=huge)
+    assert (await producer.enqueue(sent, received_at=time.time())).status == "queued"
+    envelope = json.loads((await r.lrange("celery", 0, -1))[0])
+    args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    assert ClientChange.model_validate(args[0]) == sent
+    assert envelope["headers"]["task"] == "clientsync.sync_client" and "received_at" in kwargs
