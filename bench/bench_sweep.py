@@ -29,7 +29,7 @@ from worker.redis_server import EmbeddedRedis
 Q = "celery"
 
 
-def message(i: int) -> str:
+def message(i: int) -> bytes:
     return task_message("clientsync.sync_client", [{"event_id": f"e{i}", "n": i}], {}, queue=Q, task_id=f"t{i}")
 
 

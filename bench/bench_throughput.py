@@ -345,7 +345,7 @@ return n
         self.polls += 1
         return int(self.call("EVALSHA", self.backlog_sha, 2, queue, UNACKED, inner={"llen": 1, "hlen": 1}))
 
-    def stage(self, key: str, messages: Sequence[str], chunk: int = 500) -> None:
+    def stage(self, key: str, messages: Sequence[bytes], chunk: int = 500) -> None:
         """Put messages on a list nobody consumes (outside any measured window)."""
         self.call("DEL", key)
         for i in range(0, len(messages), chunk):
@@ -605,7 +605,7 @@ def make_updates(tag: str, created: Sequence[dict[str, Any]]) -> list[dict[str, 
              "client": {**c["client"], "name": f"{c['client']['name']} (updated)"}} for i, c in enumerate(created)]
 
 
-def sync_messages(changes: Sequence[dict[str, Any]]) -> list[str]:
+def sync_messages(changes: Sequence[dict[str, Any]]) -> list[bytes]:
     """The Celery messages the receiver would push for these changes (worker.producer.task_message)."""
     now = time.time()
     return [task_message(SYNC_TASK, [c], {"received_at": now}, queue=QUEUE, task_id=str(uuid.uuid4()))
@@ -931,6 +931,7 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
     require(args.connections >= args.wrk_threads, "--connections must be >= --wrk-threads")
     pool = args.pool or max(2000, int(args.duration * args.pool_rate))
     results: dict[str, WrkResult] = {}
+    cpu: dict[str, float] = {}  # each server's user + system CPU seconds over its wrk run
     with bench_stack(args, None, receiver=False, prefix="ingest") as (stack, meter, r):
         secret = stack.env["CLIENTSYNC_WEBHOOK_SECRET"]
         run = uuid.uuid4().hex[:6]
@@ -942,7 +943,9 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
         bare = spawn(stack, "bare", [PY, str(BENCH / "bare_receiver.py"), "--port", str(port)])
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=bare)
         write_requests(tmp / "bare.tsv", secret, f"i{run}b", pool)
+        cpu_before = cpu_seconds(stack, ["bare"])
         results["bare"] = run_wrk(f"http://127.0.0.1:{port}", tmp / "bare.tsv", args)
+        cpu["bare"] = cpu_seconds(stack, ["bare"]) - cpu_before
         stop(stack, ["bare"])
         b = results["bare"]
         require(set(b.statuses) == {202}, f"bare handler answered {dict(b.statuses)}")
@@ -958,8 +961,10 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
         base = r.llen(QUEUE)
         claims_before = sum(1 for _ in r.scan_iter(match=keys.event("*"), count=1000))
         before = meter.snapshot()
+        cpu_before = cpu_seconds(stack, ["receiver"])
         results["receiver"] = run_wrk(stack.receiver_url, tmp / "receiver.tsv", args)
         time.sleep(1.0)  # requests in flight when wrk stopped finish (their answers go unread)
+        cpu["receiver"] = cpu_seconds(stack, ["receiver"]) - cpu_before
         after = meter.snapshot()
         rec = results["receiver"]
         usage = Meter.usage(before, after)
@@ -978,21 +983,28 @@ def cmd_ingest(args: argparse.Namespace) -> list[str]:
                 "in flight when wrk stopped)")
         redis_version = meter.info().get("redis_version", "")
 
+    # CPU per request moves less than req/s when other processes share the cores. The receiver's is
+    # per queued message: the ones accepted while wrk was stopping cost CPU too.
+    cpu_us = {"bare": cpu["bare"] / results["bare"].requests * 1e6,
+              "receiver": cpu["receiver"] / len(queued_ids) * 1e6}
     rows = []
     for name, label in (("bare", "bare aiohttp (read JSON, 202)"), ("receiver", "clientsync receiver")):
         w = results[name]
         errors = sum(w.socket_errors.values())
         rows.append([label, num(w.rps), num(w.p50_ms, 1), num(w.p99_ms, 1), num(w.requests),
-                     num(w.statuses[202]), errors, w.wrapped])
+                     num(w.statuses[202]), errors, w.wrapped, num(cpu_us[name])])
     ratio = results["receiver"].rps / results["bare"].rps
     queued = len(queued_ids)
     return [
         f"### Ingest: receiver vs bare aiohttp ({args.connections} connections, {args.duration:g} s, "
         f"wrk -t{args.wrk_threads})",
         "",
-        table(["server", "req/s", "p50 ms", "p99 ms", "requests", "202", "socket errors", "pool wraps"], rows),
+        table(["server", "req/s", "p50 ms", "p99 ms", "requests", "202", "socket errors", "pool wraps",
+               "CPU µs/request"], rows),
         "",
-        f"ratio receiver / bare: **{ratio:.2f}** (req/s)",
+        f"ratio receiver / bare: **{ratio:.2f}** (req/s); CPU per request bare / receiver: "
+        f"{cpu_us['bare'] / cpu_us['receiver']:.2f}; Redis CPU per accepted webhook: "
+        f"{usage.cpu / queued * 1e6:,.0f} µs",
         "",
         f"check: {accepted:,} answered 202; {queued:,} messages on the queue, {claims:,} event ids claimed, "
         f"{len(set(queued_ids)):,} distinct event ids, all sent by this run ({queued - accepted} accepted while "

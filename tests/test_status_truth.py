@@ -106,3 +106,21 @@ def test_flower_sees_readable_arguments_with_emails_masked() -> None:
     # the body (what the worker runs) keeps the real change
     body = json.loads(base64.b64decode(message["body"]))
     assert body[0] == [change]
+
+
+def test_flower_arguments_mask_emails_wherever_they_are_in_the_arguments() -> None:
+    import json
+
+    from worker.producer import task_message
+
+    change = {"client": {"notes": "call jane.doe@example.com\nor bob@example.net"},
+              "by.email@example.com": ["x", 1, 2.5, None, True, ["tom@example.io"]]}
+    message = json.loads(task_message("clientsync.sync_client", [change], {"by": "ann.lee@example.org"},
+                                      queue="celery", task_id="t-2"))
+    shown = message["headers"]["argsrepr"] + message["headers"]["kwargsrepr"]
+    for email in ("jane.doe@example.com", "bob@example.net", "by.email@example.com", "tom@example.io",
+                  "ann.lee@example.org"):
+        assert email not in shown
+    assert json.loads(message["headers"]["argsrepr"]) == [{
+        "client": {"notes": "call j***@e***.com\nor b***@e***.net"},
+        "b***@e***.com": ["x", 1, 2.5, None, True, ["t***@e***.io"]]}]

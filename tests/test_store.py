@@ -264,3 +264,15 @@ async def test_a_create_the_provider_clearly_refused_leaves_no_intent(store: Syn
     state = (await store.begin("r3", P, C, fingerprint="r3", owner="w", now_ms=10000)).state
     assert state is not None
     assert [(i["event_id"], i["token"]) for i in state.intents] == [("r1", "a"), ("r2", "b")]
+
+
+def test_a_change_fingerprint_stays_the_same_across_releases() -> None:
+    # Claims and idempotency keys keep fingerprints for days: a new canonical form would turn
+    # every resend after an upgrade into a conflict.
+    from worker.models import ClientChange, fingerprint_of
+
+    change = ClientChange.model_validate({
+        "event_id": "evt-fp-1", "occurred_at": "2026-01-02T03:04:05Z", "version": 7, "action": "upsert",
+        "client": {"id": "c-1", "name": "Zoë Café", "email": "zoe@example.com", "tags": ["vip"]}})
+    assert change.fingerprint() == "181ad7f2ca5fbc598939f7c0374cc59918c4bf4d6c16a5c5cac885d3843c39fb"
+    assert fingerprint_of(change.model_dump(mode="json")) == change.fingerprint()

@@ -178,12 +178,20 @@ class ClientChange(_Frozen):
 
     def fingerprint(self) -> str:
         """A stable hash of the change's content, used to detect idempotency-key reuse."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return fingerprint_of(self.model_dump(mode="json"))
 
     def order_mark(self) -> tuple[int, int]:
         """(version or -1, occurred_at in microseconds): what ordering compares."""
         return (self.version if self.version is not None else -1, to_micros(self.occurred_at))
+
+
+def fingerprint_of(payload: dict[str, Any]) -> str:
+    """`ClientChange.fingerprint` from the change's `model_dump(mode="json")`, for a caller that has it.
+
+    Stored with event claims and idempotency keys for days: the canonical form must never change.
+    """
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def to_micros(moment: datetime) -> int:
