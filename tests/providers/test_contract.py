@@ -8,6 +8,7 @@ adding its name to `PROVIDERS`; the few per-provider facts live in the small tab
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -344,3 +345,21 @@ async def test_every_sandbox_switches_its_readings_through_one_control_route(env
         assert resp.status == 200
     async with env.session.get(f"{env.control}/settings") as resp:
         assert await resp.json() == defaults
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"id": "7", "name": "\\u00e9t\\u00e9"}', {"id": "7", "name": "été"}),
+    # what orjson refuses, the standard library still reads
+    (b'{"balance": NaN}', {"balance": float("nan")}),
+    (b'{"id": 123456789012345678901234567890}', {"id": 123456789012345678901234567890}),
+    # not JSON at all: the text, for the error message
+    (b"<html>Bad gateway</html>", "<html>Bad gateway</html>"),
+])
+def test_a_providers_answer_is_decoded_as_the_standard_library_would(raw: bytes, expected: Any) -> None:
+    from worker.providers.base import _decode
+
+    got = _decode(raw)
+    if isinstance(expected, dict) and "balance" in expected:
+        assert math.isnan(got["balance"])
+    else:
+        assert got == expected
