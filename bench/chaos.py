@@ -247,6 +247,8 @@ class Chaos:
                 records = (await r.json())["clients"]
             by_client: dict[str, list[str]] = {}
             for rec in records:
+                if rec.get("is_deleted") is True:
+                    continue  # Invoice Ninja deletes softly: the record stays, marked deleted
                 text = json.dumps(rec)
                 for token in text.split('"'):
                     if token.endswith("@chaos.example"):
