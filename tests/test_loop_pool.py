@@ -118,3 +118,17 @@ async def test_a_warm_shutdown_lets_the_changes_in_flight_finish_and_acks_them(r
             assert r.hlen("unacked") == 0 and r.llen("celery") == 0 and r.hlen(keys.HOLDERS) == 0
         finally:
             r.close()
+
+
+@pytest.mark.parametrize("pool", ["loop", "threads", "prefork", "solo"])
+async def test_every_pool_the_settings_offer_applies_a_change(redis_server_url: str, pool: str) -> None:
+    # The loop pool runs a task's coroutine body on the loop; the others run the Celery task,
+    # which blocks its thread (or child process) on the same body.
+    with running_stack(redis_server_url, providers=[P], pool=pool, concurrency=2) as stack:
+        c = change(uid("e-pool-"), uid("c-pool-"), name=f"Pool {pool}")
+        async with aiohttp.ClientSession() as session:
+            assert await post_webhook(session, stack.receiver_url, stack.env["CLIENTSYNC_WEBHOOK_SECRET"], c) == 202
+            records = await wait_jobs(stack.redis_url, [keys.job_id(P, c["event_id"])], timeout=120)
+            assert [r["state"] for r in records.values()] == ["succeeded"]
+            created = await sandbox_clients(session, stack.env[f"CLIENTSYNC_{P.upper()}_URL"])
+        assert [x.get("number") for x in created] == [f"cs:{c['client']['id']}"]
