@@ -68,6 +68,10 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         #: delivery tag -> queue, for the deliveries this channel holds
         self.tracked: dict[Any, str] = {}
         self._blmove_queue: str | None = None
+        #: queues consumed without acks (kombu's pidbox replies: `celery inspect`, Flower): no
+        #: ownership to record and no task to check, popped as stock kombu pops them
+        self._no_ack: set[str] = set()
+        self._plain_poll = False
         self._inbox_dirty = False
         self._scripts: dict[str, Any] = {}
         url = Settings().redis_url
@@ -93,6 +97,18 @@ class Channel(_RedisChannel):  # type: ignore[misc]
                 log.warning("put %d undelivered message(s) back on %s", n, queue)
         self._inbox_dirty = False
 
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag: Any) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack.discard(queue)
+        return result
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         if timeout is None:
             timeout = self.brpop_timeout
@@ -105,13 +121,18 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         self._blmove_queue = queue
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
+        self._plain_poll = queue in self._no_ack
+        if self._plain_poll:
+            self.client.connection.send_command("BRPOP", queue, timeout or 0)
+            return
         self.client.connection.send_command("BLMOVE", queue, keys.inbox(queue, self.owner), "RIGHT", "LEFT",
                                             timeout or 0)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                item = self.client.parse_response(self.client.connection,
+                                                  "BRPOP" if self._plain_poll else "BLMOVE", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 self._inbox_dirty = True
@@ -120,6 +141,9 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             if item is None or queue is None:
                 raise virtual.Empty()
             self._queue_cycle.rotate(queue)
+            if self._plain_poll:  # an unacked reply: delivered as kombu delivers it
+                self.connection._deliver(loads(bytes_to_str(item[1])), queue)
+                return True
             recorded = self._record(queue, "inbox", item)
             if recorded is None:
                 raise virtual.Empty()

@@ -44,6 +44,7 @@ PROCESS_MODULES = frozenset({
     "test_retry_e2e_throttle", "test_run_command", "test_spine_crash", "test_spine_e2e",
     "test_spine_redis_trouble", "test_status_truth", "test_worker_sizing", "test_check", "test_durability",
     "test_inflight", "test_completion", "test_cli", "test_flower_result", "test_loop_pool",
+    "test_remote_control",
 })
 
 

@@ -128,7 +128,10 @@ class Settings(BaseSettings):
         description="How often each worker process writes its heartbeat; /readyz counts a worker as live while "
         "its last one is younger than two of these.",
     )
-    task_events: bool = Field(True, description="Celery task events (Flower); they cost ~30% worker CPU.")
+    task_events: bool = Field(
+        False, description="Celery task events from the start. Off, Flower still turns them on while it runs "
+        "(its enable_events); on, they cost about 30% of a worker's CPU (docs/benchmarks.md).",
+    )
     worker_concurrency: int | None = Field(
         None, ge=1,
         description="Tasks at once per worker process; empty = the pool's default: 256 changes in flight with "
