@@ -137,3 +137,30 @@ async def enqueue_changes(redis: aioredis.Redis, n: int, provider: str) -> list[
         assert (await producer.enqueue(c, received_at=time.time())).status == "queued"
         job_ids.append(keys.job_id(provider, c.event_id))
     return job_ids
+
+
+def job_context(redis: aioredis.Redis, adapters: dict[str, Any], limiter: Any, *, lease_seconds: float,
+                circuit_threshold: int, **extra: Any) -> Any:
+    """A `JobContext` as the worker runtime builds one, over these adapters (sandbox tests)."""
+    import random
+
+    from worker.circuit import CircuitBreaker
+    from worker.jobs import JobContext, RetryPolicy
+    from worker.ledger import Ledger
+    from worker.parking import Parking
+    from worker.store import SyncStore
+
+    return JobContext(
+        store=SyncStore(redis, idempotency_ttl=3600, lease_seconds=lease_seconds),
+        ledger=Ledger(redis),
+        adapters=adapters,
+        policies={n: RetryPolicy(max_attempts=3, base=0.5, cap=2) for n in adapters},
+        disabled={},
+        owner="test",
+        lock_wait=0.5,
+        rng=random.Random(1),
+        parking=Parking(redis, queue="celery"),
+        limiter=limiter,
+        circuit=CircuitBreaker(redis, threshold=circuit_threshold, cooldown=30, max_cooldown=60, probe_lease=30),
+        **extra,
+    )

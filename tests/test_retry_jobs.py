@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,17 +17,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import change
+from tests.helpers import change, job_context
 from worker import keys
-from worker.circuit import CircuitBreaker
-from worker.jobs import JobContext, RetryPolicy, before_call_hook, run_job
-from worker.ledger import Ledger
+from worker.jobs import JobContext, before_call_hook, run_job
 from worker.models import ClientChange
-from worker.parking import Parking
 from worker.providers import adapter_class
 from worker.ratelimit import Limit, RateLimiter
 from worker.sandbox.server import RunningSandbox, start_sandbox
-from worker.store import SyncStore
 
 IN = "invoice_ninja"
 
@@ -56,20 +51,7 @@ async def ctx(sandbox: RunningSandbox, redis: aioredis.Redis,
         adapter = adapter_class(IN)(adapter_class(IN).settings_class(), session)
         limiter = RateLimiter(redis, {IN: Limit(None, 1.0)}, max_wait=0.5)
         adapter.before_call = before_call_hook(limiter)
-        yield JobContext(
-            store=SyncStore(redis, idempotency_ttl=3600, lease_seconds=5),
-            ledger=Ledger(redis),
-            adapters={IN: adapter},
-            policies={IN: RetryPolicy(max_attempts=3, base=0.5, cap=2)},
-            disabled={},
-            owner="test",
-            lock_wait=0.5,
-            rng=random.Random(1),
-            parking=Parking(redis, queue="celery"),
-            limiter=limiter,
-            circuit=CircuitBreaker(redis, threshold=2, cooldown=30, max_cooldown=60, probe_lease=30),
-            circuit_recheck=0.5,
-        )
+        yield job_context(redis, {IN: adapter}, limiter, lease_seconds=5, circuit_threshold=2, circuit_recheck=0.5)
 
 
 def sim(sandbox: RunningSandbox) -> Any:

@@ -13,7 +13,6 @@ takes a shared token per call. The fan-out opens every provider's job in one rou
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -21,17 +20,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import change
-from worker.circuit import CircuitBreaker
-from worker.jobs import JobContext, RetryPolicy, before_call_hook, fan_out, run_job
-from worker.ledger import Ledger
+from tests.helpers import change, job_context
+from worker.jobs import JobContext, before_call_hook, fan_out, run_job
 from worker.models import ClientChange
-from worker.parking import Parking
 from worker.providers import adapter_class, load_configs
 from worker.ratelimit import RateLimiter, limit_for
 from worker.redis_server import EmbeddedRedis
 from worker.sandbox.server import RunningSandbox, start_sandbox
-from worker.store import SyncStore
 
 PROVIDERS = ["grow_crm", "invoice_ninja", "lsp_expert", "qonto", "request_finance"]
 
@@ -70,19 +65,7 @@ async def ctx(sandbox: RunningSandbox, redis: aioredis.Redis,
         for name, config in configs.items():
             adapters[name] = adapter_class(name)(config, session)
             adapters[name].before_call = before_call_hook(limiter)
-        yield JobContext(
-            store=SyncStore(redis, idempotency_ttl=3600, lease_seconds=30),
-            ledger=Ledger(redis),
-            adapters=adapters,
-            policies={n: RetryPolicy(max_attempts=3, base=0.5, cap=2) for n in adapters},
-            disabled={},
-            owner="test",
-            lock_wait=0.5,
-            rng=random.Random(1),
-            parking=Parking(redis, queue="celery"),
-            limiter=limiter,
-            circuit=CircuitBreaker(redis, threshold=5, cooldown=30, max_cooldown=60, probe_lease=30),
-        )
+        yield job_context(redis, adapters, limiter, lease_seconds=30, circuit_threshold=5)
 
 
 async def reads(redis: aioredis.Redis) -> int:
