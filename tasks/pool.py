@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 import time
@@ -34,13 +35,31 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery.concurrency import thread
+from celery.exceptions import Reject
 from celery.utils.saferepr import saferepr
 from kombu.serialization import loads, prepare_accept_content
+
+log = logging.getLogger("clientsync.pool")
 
 _ThreadPool: Any = thread.TaskPool
 
 #: threads that report ends to Celery (an ack is one short Redis call)
 REPORTERS = 4
+#: pause before requeueing a message the runtime could not take, so a broken runtime does not spin
+REQUEUE_PAUSE_SECONDS = 1.0
+
+
+def runtime() -> Any:
+    """This process's runtime (`tasks.runtime`), imported late: the pool is loaded before the app."""
+    from tasks.runtime import get_runtime
+
+    return get_runtime()
+
+
+def _failed(exc: BaseException) -> concurrent.futures.Future[Any]:
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_exception(exc)
+    return future
 
 
 class LoopPool(_ThreadPool):  # type: ignore[misc]
@@ -71,20 +90,32 @@ class LoopPool(_ThreadPool):  # type: ignore[misc]
         if accept_callback is not None:
             accept_callback(os.getpid(), started)
         try:
+            rt = runtime()
+        except Exception as exc:
+            return self._requeue(exc, task_id, callback, started, maxsize)
+        try:
             call_args, call_kwargs = self._decode(message_body, content_type, content_encoding)
-            from tasks.runtime import get_runtime
-
-            rt = get_runtime()
             coro = body(rt, task_id or "unknown", *call_args, **call_kwargs)  # a wrong arity raises here
-            future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(coro, rt.loop)
-        except BaseException as exc:
-            failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            failed.set_exception(exc)
-            self._ended(failed, callback, started, maxsize)
+        except Exception as exc:  # a message the task cannot take: a failure, as Celery's tracer has it
+            self._ended(_failed(exc), callback, started, maxsize)
             return None
+        try:
+            future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(coro, rt.loop)
+        except Exception as exc:  # the runtime's loop is gone (a stop under way)
+            coro.close()
+            return self._requeue(exc, task_id, callback, started, maxsize)
         # The future completes on the loop's thread: hand the ack to a pool thread.
         future.add_done_callback(lambda f: self._ended(f, callback, started, maxsize))
         return None
+
+    def _requeue(self, exc: Exception, task_id: Any, callback: Callable[..., Any], started: float,
+                 maxsize: int) -> None:
+        """The runtime could not take the message (Redis away when it was built, or its loop
+        stopped): the message is not the problem, so it is requeued, not acked as a failure,
+        after a pause so a broken runtime does not spin on it."""
+        log.error("the worker runtime could not take task %s (%r); requeueing the message", task_id, exc)
+        requeue = Reject(f"worker runtime unavailable: {exc!r}", requeue=True)
+        self._ended(_failed(requeue), callback, started, maxsize, pause=REQUEUE_PAUSE_SECONDS)
 
     def _decode(self, body: Any, content_type: str | None, content_encoding: str | None
                 ) -> tuple[list[Any], dict[str, Any]]:
@@ -97,16 +128,18 @@ class LoopPool(_ThreadPool):  # type: ignore[misc]
         return list(args or ()), dict(kwargs or {})
 
     def _ended(self, future: concurrent.futures.Future[Any], callback: Callable[..., Any], started: float,
-               maxsize: int) -> None:
+               maxsize: int, pause: float = 0.0) -> None:
         try:
-            self._reporters.submit(self._report, future, callback, started, maxsize)
+            self._reporters.submit(self._report, future, callback, started, maxsize, pause)
         except RuntimeError:  # the executor is shut down (a cold shutdown): report from here
             self._report(future, callback, started, maxsize)
 
     def _report(self, future: concurrent.futures.Future[Any], callback: Callable[..., Any], started: float,
-                maxsize: int) -> None:
+                maxsize: int, pause: float = 0.0) -> None:
         """Tell Celery how the body ended, as `celery.app.trace` does for a thread."""
         try:
+            if pause:
+                time.sleep(pause)
             runtime = time.monotonic() - started
             try:
                 result = future.result()
