@@ -36,10 +36,9 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
 
 
 @pytest.fixture
-async def redis(fresh_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(fresh_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
+def redis(r: aioredis.Redis) -> aioredis.Redis:
+    """The flushed Redis's client (conftest's `r`), by the name these tests use."""
+    return r
 
 
 @pytest.fixture

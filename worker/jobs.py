@@ -268,17 +268,15 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     def ending(outcome: Outcome) -> tuple[Attempt, Call, Call | None]:
         """The ledger's and the circuit's part of the finish script for `outcome`."""
         took = (time.time() - started) * 1000
-        done = Attempt(attempt, started, "skipped" if outcome.result == "skipped" else "succeeded",
+        skipped = outcome.result == "skipped"
+        done = Attempt(attempt, started, "skipped" if skipped else "succeeded",
                        duration_ms=round(took, 1), message=outcome.reason or outcome.result)
-        if outcome.result == "skipped":
-            ledger = ctx.ledger.transition_call(job_id, "skipped", mode="force", attempt=done,
-                                                fields=Ledger.skipped_fields(done, reason=outcome.reason or "skipped",
-                                                                             provider_id=outcome.provider_id))
-        else:
-            ledger = ctx.ledger.transition_call(job_id, "succeeded", mode="force", attempt=done,
-                                                fields=Ledger.succeeded_fields(done, result=outcome.result,
-                                                                               provider_id=outcome.provider_id,
-                                                                               unsupported=outcome.unsupported))
+        fields = (Ledger.skipped_fields(done, reason=outcome.reason or "skipped", provider_id=outcome.provider_id)
+                  if skipped else
+                  Ledger.succeeded_fields(done, result=outcome.result, provider_id=outcome.provider_id,
+                                          unsupported=outcome.unsupported))
+        ledger = ctx.ledger.transition_call(job_id, "skipped" if skipped else "succeeded", mode="force",
+                                            attempt=done, fields=fields)
         circuit = (ctx.circuit.record_call(provider, token, "success" if calls[0] else "neutral")
                    if ctx.circuit is not None else None)
         return done, ledger, circuit
