@@ -33,7 +33,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +53,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
+from worker.lease import calls as lease_calls
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
@@ -71,9 +71,6 @@ def _outcome(level: int, what: str, fields: dict[str, Any]) -> None:
     (`extra`), so `CLIENTSYNC_LOG_FORMAT=json` (worker.logjson) writes them as JSON keys."""
     log.log(level, "%s %s", what, fields, extra={"fields": {"outcome": what, **fields}})
 
-#: provider calls made by the running job (counted by `before_call`): the circuit must know
-#: whether a job reached its provider at all
-_calls: ContextVar[list[int] | None] = ContextVar("clientsync_calls", default=None)
 
 
 @dataclass(frozen=True)
@@ -138,14 +135,12 @@ class JobContext:
 
 
 def before_call_hook(limiter: RateLimiter | None) -> Callable[[str], Awaitable[None]]:
-    """The adapters' `before_call`: honour the shared rate limit and 429 blocks, and count the call."""
+    """The adapters' `before_call`: honour the shared rate limit and 429 blocks (the call itself
+    is counted by the adapter, `worker.lease.calls`)."""
 
     async def before_call(provider: str) -> None:
         if limiter is not None:
             await limiter.before_call(provider)
-        box = _calls.get()
-        if box is not None:
-            box[0] += 1
 
     return before_call
 
@@ -291,7 +286,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             finished.append(done)
         return answer
 
-    counting = _calls.set(calls)
+    counting = lease_calls.set(calls)
     try:
         outcome = await apply_change(change, adapter, ctx.store, owner=token, lock_wait=ctx.lock_wait, rng=ctx.rng,
                                      first=start.begin, finish=finish)
@@ -341,7 +336,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         internal = InternalError(f"internal error: {exc!r}", provider=provider)
         return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
     finally:
-        _calls.reset(counting)
+        lease_calls.reset(counting)
     if finished:
         done = finished[0]
     else:  # a completed key answered (`replayed`): nothing to finish in the store

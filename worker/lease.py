@@ -38,3 +38,14 @@ def count_write() -> None:
     box = writes.get()
     if box is not None:
         box[0] += 1
+
+
+#: provider calls made by the running job (the circuit must know whether a job reached its
+#: provider at all); counted by `ProviderAdapter.request`, set by `worker.jobs`
+calls: ContextVar[list[int] | None] = ContextVar("clientsync_calls", default=None)
+
+
+def count_call() -> None:
+    box = calls.get()
+    if box is not None:
+        box[0] += 1

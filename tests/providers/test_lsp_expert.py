@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import Callable
@@ -514,3 +515,33 @@ async def test_a_lookup_by_email_and_name_reads_each_page_once(lsp: Setup) -> No
     assert sorted(adapter.from_wire(r.data).display_name or "" for r in found) == ["Other Name", "Shared Name"]
     pages = [c.path for c in sim.calls if c.method == "GET"]
     assert len(pages) == 2 and len(set(pages)) == 2, pages  # page 1 and page 2, once each
+
+
+async def test_concurrent_lookups_share_passes_over_the_pages_and_each_gets_its_own_namesakes(lsp: Setup) -> None:
+    """Thirty creates' namesake lookups in flight at once (the loop pool runs hundreds): they
+    share passes over the pages (`worker.providers.shared`) instead of each reading them all,
+    and each gets exactly its own records. Over real HTTP, with the sandbox holding every call
+    until all thirty have asked."""
+    adapter, sim = lsp
+    await adapter.create(acme(id="seed", name="Seed", email="seed@acme.example", contacts=()))
+    template = next(iter(sim.clients.values()))
+    for i in range(250):  # three pages of 100
+        sim.clients[f"c{i}"] = {**template, "id": f"c{i}", "name": f"Client {i}",
+                                "contacts": [{"id": f"k{i}", "fullName": f"P {i}", "email": f"p{i}@ex.example"}]}
+    sim.calls.clear()
+    sim.faults.hold = True
+    sim._hold(True)  # the control route's own switch, without the HTTP round trip
+    wanted = [acme(id=f"w{i}", name=f"Client {i * 8}", email=f"p{i * 8 + 1}@ex.example", contacts=())
+              for i in range(30)]
+    lookups = [asyncio.create_task(namesakes(adapter, w, before=time.time() + 60)) for w in wanted]
+    while sim.in_flight < 1:
+        await asyncio.sleep(0.01)
+    sim.faults.hold = False
+    sim._hold(False)
+    results = await asyncio.gather(*lookups)
+    assert [sorted(r.id for r in found) for found in results] == [
+        sorted([f"c{i * 8}", f"c{i * 8 + 1}"]) for i in range(30)
+    ]
+    pages = [c.path for c in sim.calls if c.method == "GET"]
+    passes = pages.count(pages[0])
+    assert len(pages) == 3 * passes and passes <= 2, pages  # thirty lookups alone would read 90 pages

@@ -29,7 +29,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.lease import check_lease, count_write
+from worker.lease import check_lease, count_call, count_write
 from worker.models import Client
 
 
@@ -239,6 +239,7 @@ class ProviderAdapter(ABC):
         check_lease()  # a job that lost its lease on the client makes no further call
         if self.before_call is not None:
             await self.before_call(self.name)
+        count_call()
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
         try:
             async with self.session.request(

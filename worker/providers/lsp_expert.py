@@ -48,16 +48,18 @@ unknown body fields are rejected.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from worker.errors import LocalValidationError, PermanentError, ProviderError
 from worker.models import Address, Client, Contact, mask_email
 from worker.providers.base import Identity, ProviderAdapter, ProviderConfig, RemoteClient, wire_text
+from worker.providers.shared import SharedScan
 
 CLIENTS = "/v2/clients"
 _CONTACT_KEYS = ("fullName", "email", "phone")
@@ -163,6 +165,11 @@ class LSPExpert(ProviderAdapter):
         "status": "sent as archived (update only: an archived client is created, then archived)",
         "contacts": "sent as /v2/clients/{id}/contacts (fullName, email, phone)",
     }
+
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, session)
+        #: concurrent searches share passes over the pages (no list filter is documented)
+        self._scan = SharedScan(self.list, self._record_keys)
 
     def auth_headers(self) -> dict[str, str]:
         key = self.config.api_key.get_secret_value() if self.config.api_key else ""
@@ -283,23 +290,31 @@ class LSPExpert(ProviderAdapter):
         return await self.search_any([(key, value)])
 
     async def search_any(self, searches: Sequence[tuple[str, str]]) -> list[RemoteClient]:
-        """Every search reads the same pages (no filter): one pass serves them all."""
-        tests = [t for key, value in searches if (t := self._matcher(key, value)) is not None]
-        if not tests:
-            return []
-        return [r async for r in self.list() if any(t(r) for t in tests)]
+        """Every search reads the same pages (no filter): one pass serves them all, and the
+        searches of concurrent jobs share passes (`worker.providers.shared`)."""
+        return await self._scan.search(k for key, value in searches if (k := self._search_key(key, value)) is not None)
 
-    def _matcher(self, key: str, value: str) -> Callable[[RemoteClient], bool] | None:
-        """The exact test for one search (None: nothing can match, e.g. no stamp field)."""
+    def _search_key(self, key: str, value: str) -> tuple[str, str] | None:
+        """The exact key one search asks for (None: nothing can match, e.g. no stamp field)."""
         want = value.strip()
+        if not want:
+            return None
         if key == "stamp":
-            return None if self.stamp_field is None else (lambda r: self.stamped(r) == want)
+            return None if self.stamp_field is None else ("stamp", want)
         if key == "email":
-            folded = want.casefold()
-            return lambda r: any(str(c.get("email") or "").strip().casefold() == folded for c in _contacts_of(r.data))
+            return ("email", want.casefold())
         if key == "name":
-            return lambda r: wire_text(r.data.get("name")) == want
+            return ("name", want)
         raise ValueError(f"{self.name} cannot search by {key!r}")
+
+    def _record_keys(self, remote: RemoteClient) -> list[tuple[str, str]]:
+        """The keys a listed record answers to, normalised as `_search_key` normalises a search."""
+        name = wire_text(remote.data.get("name"))
+        out = [("name", name)] if name else []
+        out += [("email", e) for c in _contacts_of(remote.data) if (e := str(c.get("email") or "").strip().casefold())]
+        if self.stamp_field is not None and (stamp := self.stamped(remote)) is not None:
+            out.append(("stamp", stamp))
+        return out
 
     async def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:
         page = 1
