@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -20,9 +20,11 @@ from worker.errors import (
     PermanentError,
     ProviderValidationError,
     RateLimitedError,
+    TransientError,
 )
 from worker.identity import lookalikes, namesakes
 from worker.models import Address, Client, Contact
+from worker.providers.base import RemoteClient
 from worker.providers.lsp_expert import LSPExpert
 from worker.sandbox.base import Faults
 from worker.sandbox.lsp_expert import _CREATE_FIELDS, _UPDATE_ONLY, LSPExpertSandbox
@@ -338,7 +340,74 @@ async def test_list_walks_every_page_by_has_next_page(lsp: Setup) -> None:
     sim.calls.clear()
     names = [c.data["name"] async for c in adapter.list(page_size=20)]
     assert names == [f"Client {n:02d}" for n in range(45)]
-    assert [c.path for c in sim.calls] == [f"/lsp_expert/v2/clients?page={p}&pageSize=20" for p in (1, 2, 3)]
+    paths = [c.path for c in sim.calls]  # pages after the first are read together: any order
+    assert paths[0] == "/lsp_expert/v2/clients?page=1&pageSize=20"
+    assert sorted(paths) == [f"/lsp_expert/v2/clients?page={p}&pageSize=20" for p in (1, 2, 3)]
+
+
+async def test_list_reads_pages_after_the_first_a_few_at_a_time_and_yields_them_in_order(lsp: Setup) -> None:
+    """An identity lookup reads every page (no list filter): after the first page (which says
+    how many there are), `CLIENTSYNC_LSP_EXPERT_PAGE_READS` pages go at once. Proven with the
+    sandbox holding every call: exactly that many wait together."""
+    adapter, sim = lsp
+    for n in range(230):  # 12 pages of 20
+        await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:03d}"})
+    adapter.config = adapter.config.model_copy(update={"page_reads": 5})
+    sim.calls.clear()
+    sim.faults.hold = True
+    sim._hold(True)
+    sim.peak_in_flight = 0
+    listing = asyncio.create_task(_names(adapter.list(page_size=20)))
+    done = 0
+    for batch in (1, 5, 5, 1):  # page 1; pages 2-6; 7-11; 12
+        await _until(lambda: sim.in_flight == batch)  # noqa: B023 - read at once, in this iteration
+        # Release exactly the held calls (asyncio.Event wakes the waiters it has; a clear in the
+        # same step holds whatever comes next), then wait for their answers.
+        sim._hold(False)
+        sim._hold(True)
+        done += batch
+        await _until(lambda: len(sim.calls) == done)  # noqa: B023
+    sim.faults.hold = False
+    sim._hold(False)
+    assert await listing == [f"Client {n:03d}" for n in range(230)]
+    assert sim.peak_in_flight == 5, "at most page_reads pages at once, and that many together"
+    assert sorted(c.path for c in sim.calls) == sorted(
+        f"/lsp_expert/v2/clients?page={p}&pageSize=20" for p in range(1, 13))
+
+
+async def test_list_follows_has_next_page_when_the_account_grew_during_the_read(lsp: Setup) -> None:
+    adapter, _ = lsp
+    for n in range(40):  # 2 pages of 20 when the first page is read
+        await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:03d}"})
+    listing = adapter.list(page_size=20)
+    names = [(await anext(listing)).data["name"] for _ in range(20)]  # page 1 read: totalPages 2
+    for n in range(40, 65):  # 25 more: pages 2, 3 and 4 now
+        await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:03d}"})
+    names += await _names(listing)
+    assert names == [f"Client {n:03d}" for n in range(65)]
+
+
+async def test_a_failed_page_fails_the_whole_read(lsp: Setup) -> None:
+    adapter, sim = lsp
+    for n in range(70):
+        await adapter.request("POST", "/v2/clients", json_body={"name": f"Client {n:03d}"})
+    listing = adapter.list(page_size=20)
+    assert (await anext(listing)).data["name"] == "Client 000"
+    sim.faults.fail_next = 1  # one of pages 2-4, read together
+    with pytest.raises(TransientError):
+        await _names(listing)
+
+
+async def _until(condition: Callable[[], bool], deadline: float = 30.0) -> None:
+    """Poll the in-process sandbox until `condition` holds (the deadline only guards a hang)."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "the sandbox never reached the expected state"
+        await asyncio.sleep(0.005)
+
+
+async def _names(records: AsyncIterator[RemoteClient]) -> list[str]:
+    return [str(r.data["name"]) async for r in records]
 
 
 async def test_list_still_walks_every_page_when_the_server_ignores_page_size(lsp: Setup) -> None:

@@ -33,8 +33,11 @@
 - Lists: `page` (1-based) -> `{items, pageSize, page, totalPages, totalItems, hasNextPage,
   hasPreviousPage}` (docs.lsp.expert/pagination), 20 a page. No page-size parameter is
   documented; `pageSize` (the envelope's own field name) is sent as a hint and paging
-  follows `hasNextPage`, so it works if the server ignores it. Any other answer shape is a
-  `PermanentError` naming it.
+  follows `hasNextPage`, so it works if the server ignores it. After the first page (which
+  gives `totalPages`), `CLIENTSYNC_LSP_EXPERT_PAGE_READS` pages (default 4) are read at once,
+  yielded in order. Any other answer shape is a `PermanentError` naming it.
+- Identity lookups read every page; the lookups of concurrent jobs share passes over them
+  (`worker.providers.shared`), never a pass that began before the lookup asked.
 
 Calls: create 1 (+1 per contact, +1 to archive, +1 GET when either happened); update 1
 (+1 per contact change, +1 GET when one happened); delete 1.
@@ -47,6 +50,7 @@ unknown body fields are rejected.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -71,6 +75,11 @@ class LSPExpertConfig(ProviderConfig):
     model_config = SettingsConfigDict(env_prefix="CLIENTSYNC_LSP_EXPERT_", extra="ignore", frozen=True)
 
     api_key: SecretStr | None = None
+    page_reads: int = Field(
+        4, ge=1, le=16,
+        description="List pages read at once after the first (an identity lookup reads every page: no list filter "
+        "is documented). 1 reads them one after another.",
+    )
 
     def is_configured(self) -> bool:
         return bool(self.api_key and self.api_key.get_secret_value())
@@ -317,21 +326,42 @@ class LSPExpert(ProviderAdapter):
         return out
 
     async def list(self, *, page_size: int = 100) -> AsyncIterator[RemoteClient]:
-        page = 1
+        """Every client, in the provider's order. The first page says how many pages there are;
+        the rest are read `config.page_reads` at a time (in order), and paging then follows the
+        last page's `hasNextPage` in case the account grew meanwhile."""
+        first = await self._page(1, page_size)
+        for record in first["items"]:
+            yield record
+        if not _has_next(first, 1):
+            return
+        page, total = 2, _total_pages(first, 1)
         while True:
-            data = await self.request("GET", CLIENTS, params={"page": page, "pageSize": page_size})
-            if not isinstance(data, dict) or not isinstance(data.get("items"), list):
-                raise PermanentError(
-                    f"GET {CLIENTS} answered {_shape(data)}; the documented page is "
-                    "{items, page, totalPages, hasNextPage, ...}",
-                    provider=self.name,
-                )
-            for item in data["items"]:
-                record = self._record(item, "GET (list item)")
-                yield RemoteClient(id=str(record["id"]), data=record)
-            if not data.get("hasNextPage") or page >= int(data.get("totalPages") or page):
-                return
-            page += 1
+            batch = range(page, max(page, min(total, page + self.config.page_reads - 1)) + 1)
+            answers = await asyncio.gather(*(self._page(p, page_size) for p in batch), return_exceptions=True)
+            for p, data in zip(batch, answers, strict=True):
+                if isinstance(data, BaseException):
+                    raise data
+                for record in data["items"]:
+                    yield record
+                if not _has_next(data, p):
+                    return
+                total = max(total, _total_pages(data, p))
+            page = batch[-1] + 1
+
+    async def _page(self, page: int, page_size: int) -> dict[str, Any]:
+        """One list page, its items as records."""
+        data = await self.request("GET", CLIENTS, params={"page": page, "pageSize": page_size})
+        if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+            raise PermanentError(
+                f"GET {CLIENTS} answered {_shape(data)}; the documented page is "
+                "{items, page, totalPages, hasNextPage, ...}",
+                provider=self.name,
+            )
+        items = []
+        for item in data["items"]:
+            record = self._record(item, "GET (list item)")
+            items.append(RemoteClient(id=str(record["id"]), data=record))
+        return {**data, "items": items}
 
     # --- helpers -------------------------------------------------------------------------
     def _record(self, body: Any, what: str) -> dict[str, Any]:
@@ -411,6 +441,18 @@ def _is_placeholder(client: Client, own: dict[str, str]) -> bool:
     person = _full_name(client.first_name, client.last_name)
     listed = any(c.email and c.email == own["email"] for c in client.contacts)
     return not person and not listed and own["email"] == (client.email or "") and own["phone"] == (client.phone or "")
+
+
+def _has_next(page: dict[str, Any], number: int) -> bool:
+    """Whether a page after `number` exists, as the envelope says (`hasNextPage`, `totalPages`)."""
+    return bool(page.get("hasNextPage")) and number < _total_pages(page, number)
+
+
+def _total_pages(page: dict[str, Any], number: int) -> int:
+    try:
+        return int(page.get("totalPages") or number)
+    except (TypeError, ValueError):
+        return number
 
 
 def _contacts_of(data: dict[str, Any]) -> list[dict[str, Any]]:
