@@ -74,6 +74,7 @@ from worker import keys  # noqa: E402
 from worker.launcher import PY, Stack, wait_http  # noqa: E402
 from worker.models import PROVIDER_NAMES  # noqa: E402
 from worker.producer import SYNC_TASK, task_message  # noqa: E402
+from worker.providers import adapter_class  # noqa: E402
 from worker.redis_server import free_port  # noqa: E402
 from worker.settings import Settings, default_concurrency  # noqa: E402
 
@@ -372,7 +373,34 @@ def bench_env(args: argparse.Namespace) -> dict[str, str]:
     env["CLIENTSYNC_TASK_EVENTS"] = "true" if args.task_events == "on" else "false"
     env["CLIENTSYNC_WORKER_CONCURRENCY"] = str(args.concurrency)
     env["CLIENTSYNC_WORKER_POOL"] = args.worker_pool
+    env.update(lifted_limits() if args.rate_limits == "lifted" else {})
     return env
+
+
+def documented_limits() -> dict[str, tuple[int, float]]:
+    """Providers whose adapter applies a published rate limit by default: name -> (calls, seconds)."""
+    out = {}
+    for name in ALL_PROVIDERS:
+        fields = adapter_class(name).settings_class.model_fields
+        calls = fields["rate_limit"].default
+        if calls is not None:
+            out[name] = (int(calls), float(fields["rate_period"].default))
+    return out
+
+
+def lifted_limits() -> dict[str, str]:
+    """The environment that lifts those limits (the sandbox enforces none): what clientsync's own
+    path costs, not what a provider's quota allows."""
+    return {f"CLIENTSYNC_{name.upper()}_RATE_LIMIT": "1000000" for name in documented_limits()}
+
+
+def limits_line(args: argparse.Namespace) -> str:
+    limits = ", ".join(f"{name} {calls:,} calls / {period:g} s"
+                       for name, (calls, period) in documented_limits().items())
+    if args.rate_limits == "lifted":
+        return f"Rate limits: lifted (`--rate-limits lifted`: the documented ones, {limits}, set to 1,000,000)."
+    return (f"Rate limits: as documented ({limits}; the shared bucket keeps a tenth of the limit as burst, so "
+            "at most 90% of it in steady state).")
 
 
 def spawn(stack: Stack, name: str, argv: list[str], extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -1182,6 +1210,8 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
         f"### End to end: clientsync vs a Celery no-op (1 worker process; clientsync's pool {args.worker_pool}, "
         f"the no-op's threads, x {args.concurrency} each; task events {args.task_events})",
         "",
+        limits_line(args),
+        "",
         table(["run", "provider latency", "tasks or jobs", "tasks/s", "jobs/s", "changes/s",
                "jobs/s ÷ no-op tasks/s", "changes/s ÷ no-op tasks/s", "peak worker RSS MB (sampled / VmHWM)"],
               [["Celery no-op (stock kombu transport)", "-", num(noop.tasks), num(noop.per_s), "-", "-", "1", "1",
@@ -1470,6 +1500,9 @@ COMMON = {
                                "the pool's default, loop 256, threads 64)"),
     "--task-events": dict(choices=["on", "off"], default="on" if DEFAULT_EVENTS else "off",
                           help="Celery task events, clientsync's workers and the baselines' alike"),
+    "--rate-limits": dict(choices=["documented", "lifted"], default="documented",
+                          help="documented: providers' published limits apply, as in production (Qonto caps a "
+                               "five-provider run); lifted: set to 1,000,000 to measure clientsync's own path"),
     "--poll-ms": dict(type=float, default=20.0, help="how often the bench polls for completion (one EVALSHA)"),
     "--timeout": dict(type=float, default=900.0, help="longest wait for a batch, seconds"),
 }
