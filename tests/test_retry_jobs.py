@@ -245,3 +245,30 @@ async def test_a_circuit_that_cannot_be_read_lets_the_job_through(ctx: JobContex
     assert (await run_job(c, IN, 1, ctx)).state == "succeeded"
     job = await ctx.ledger.get(keys.job_id(IN, c.event_id))
     assert job is not None and job.state == "succeeded"
+
+
+async def test_a_create_our_rate_limit_stopped_before_its_post_leaves_no_intent_to_wait_out(
+    ctx: JobContext, sandbox: RunningSandbox
+) -> None:
+    """The lookups went out, then the create's POST found no slot (another job of this process
+    met a 429 meanwhile): nothing was sent, so the intent written before the POST is answered
+    and the re-run creates at once, instead of waiting out the call timeout and settle time for a
+    create that never left (measured: Qonto at its limit spent 40 of 80 s in such waits)."""
+    assert ctx.limiter is not None
+    limiter, hook, calls = ctx.limiter, ctx.adapters[IN].before_call, [0]
+    assert hook is not None
+
+    async def block_before_the_post(provider: str) -> None:
+        calls[0] += 1
+        if calls[0] == 4:  # Invoice Ninja's create: three lookups, then the POST
+            limiter.learn_block(provider, 30.0)
+        await hook(provider)
+
+    ctx.adapters[IN].before_call = block_before_the_post
+    c = await start(ctx)
+    decision = await run_job(c, IN, 1, ctx)
+    assert (decision.state, decision.attempt) == ("retrying", 1), "parked, no attempt spent"
+    assert [call.method for call in sim(sandbox).calls] == ["GET", "GET", "GET"], "the POST never left"
+    limiter._known_blocks.clear()  # the block is over
+    assert (await run_job(c, IN, 1, ctx)).state == "succeeded", "no wait for a create that was never sent"
+    assert [call.method for call in sim(sandbox).calls].count("POST") == 1 and len(sim(sandbox).clients) == 1

@@ -11,6 +11,9 @@ class ClientSyncError(Exception):
     retryable: ClassVar[bool] = False
     #: short machine-readable class shown in the ledger and metrics
     kind: ClassVar[str] = "error"
+    #: False for an error raised before its provider call left this process (our own rate
+    #: limit had no slot for it): whatever that call would have written, nothing was sent
+    sent: ClassVar[bool] = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

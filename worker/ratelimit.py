@@ -120,6 +120,7 @@ class BucketEmpty(RateLimitedError):
     """Our shared bucket (or a provider's 429 block) has no call for this job soon: no call was made."""
 
     kind = "rate_limited"
+    sent = False
 
 
 @dataclass(frozen=True)

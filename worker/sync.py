@@ -116,8 +116,10 @@ async def apply_change(
         unclear = isinstance(exc, ProviderError) and exc.unclear
         # A create the provider clearly refused before anything was written made nothing: its
         # intent is answered. One refused at a later call (a contact, a status) made a record.
-        refused = (run.creating and isinstance(exc, ProviderError) and exc.status is not None and not unclear
-                   and written[0] == 0)
+        # So did none whose first write never left (our rate limit had no slot for it: every
+        # write sent before it would have ended in a 2xx, counted, or raised its own error).
+        clear = isinstance(exc, ProviderError) and (exc.status is not None or not exc.sent)
+        refused = run.creating and clear and not unclear and written[0] == 0
         await asyncio.shield(store.abort(idem, provider, client_id, owner=owner,
                                          unsettle_seconds=settle_seconds(adapter.config) if unclear else None,
                                          refused_create=run.intent_token if refused else None))
