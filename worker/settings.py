@@ -151,7 +151,8 @@ class Settings(BaseSettings):
         0.5, gt=0, le=10, description="How often each worker process moves due parked retries to the queue."
     )
     rate_wait_seconds: float = Field(
-        2.0, ge=0, description="Longest in-process wait for a rate-limit token; longer waits park the job."
+        10.0, ge=0, description="Longest in-process wait for a rate-limit token; longer waits park the job (which "
+        "then repeats its lookups: at Qonto's limit with 256 changes in flight, 2 s parked half the calls' worth)."
     )
     circuit_failure_threshold: int = Field(
         5, ge=1, description="Consecutive transient provider failures that open the circuit."
