@@ -172,3 +172,20 @@ async def test_an_empty_search_reads_nothing() -> None:
     scan = by_name(listing)
     assert await scan.search([]) == []
     assert listing.started == 0
+
+
+async def test_after_a_cancelled_pass_the_next_search_reads_afresh() -> None:
+    listing = Listing(["ann", "bob"])
+    scan = by_name(listing)
+    listing.gate_after.clear()
+    first = asyncio.create_task(scan.search([("name", "ann")]))
+    await listing.read_all.wait()
+    waiting = asyncio.create_task(scan.search([("name", "bob")]))  # joins the next pass
+    await asyncio.sleep(0)
+    assert scan._runner is not None
+    scan._runner.cancel()  # as when the worker's loop shuts its tasks down
+    for task in (first, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    listing.gate_after.set()
+    assert [r.id for r in await scan.search([("name", "bob")])] == ["2"]

@@ -93,9 +93,11 @@ class SharedScan:
                 await self._pass(this)
         finally:
             self._running = False
-            if self._next is not None and not self._next.future.done():
-                # Cancelled with searches still waiting (the loop is stopping): tell them.
+            if self._next is not None:
+                # Cancelled with searches still waiting (the loop is stopping): tell them, and
+                # let a later search start afresh rather than join a cancelled pass.
                 self._next.future.cancel()
+                self._next = None
 
     async def _pass(self, this: _Pass) -> None:
         box = [0]
