@@ -218,9 +218,9 @@ class GrowCRMSandbox(SandboxProvider):
             if user["deleted"]:
                 continue
             haystack = " ".join(str(user[k] or "") for k in ("first_name", "last_name", "email", "phone"))
-            contact = self._contact(user)
             if term not in haystack.casefold() or q.get("client_id") not in (None, str(user["client_id"])):
                 continue
+            contact = self._contact(user)  # built only for the users that match (a large account)
             if q.get("account_owner") not in (None, contact["account_owner"]):
                 continue
             rows.append(contact)
