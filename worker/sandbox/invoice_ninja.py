@@ -258,8 +258,9 @@ class InvoiceNinjaSandbox(SandboxProvider):
         except ValueError:
             return _invalid({"page": ["The page must be an integer."]})
         states = set(q["status"].split(",")) if q.get("status") else {"active", "archived"}
-        # The filters are all conjunctive, so they run in one pass, the exact ones first (a
-        # provider has indexes; this double must not spend a core scanning a large account).
+        # The filters are all conjunctive, so they run exact ones first, each over what the one
+        # before kept (a provider has indexes; this double must not spend a core scanning a
+        # large account).
         tests: list[Callable[[dict[str, Any]], bool]] = []
         for key in ("id_number", "number"):  # ClientFilters: where(key, value)
             if value := q.get(key):
@@ -271,7 +272,9 @@ class InvoiceNinjaSandbox(SandboxProvider):
         if term := q.get("filter", "").casefold():  # ClientFilters::filter
             tests.append(lambda c: any(term in str(v).casefold() for v in _filter_columns(c)))
         tests.append(lambda c: _state(c) in states)
-        rows = [c for c in self.clients.values() if all(t(c) for t in tests)]
+        rows = list(self.clients.values())
+        for test in tests:
+            rows = [c for c in rows if test(c)]
         total_pages = max(1, -(-len(rows) // per_page))
         chunk = rows[(page - 1) * per_page : page * per_page]
         pagination = {"total": len(rows), "count": len(chunk), "per_page": per_page,
