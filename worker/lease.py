@@ -7,17 +7,24 @@ instead of being sent. Adapters only call `check_lease()`; they never import the
 
 from __future__ import annotations
 
+import math
+import time
 from contextvars import ContextVar
 
 from worker.errors import LeaseLost
 
 
 class LeaseGuard:
-    """Set by the renewer when the lease is gone; read before every provider call."""
+    """Set by the renewer when the lease is gone; read before every provider call.
 
-    def __init__(self, what: str) -> None:
+    `valid_until` (`time.monotonic()`): when the lease runs out unless renewed. Renewals that
+    fail (Redis away) leave it as it was, so a call that would go out after it is refused even
+    before any renewal is refused."""
+
+    def __init__(self, what: str, valid_until: float = math.inf) -> None:
         self.what = what
         self.lost = False
+        self.valid_until = valid_until
 
 
 current: ContextVar[LeaseGuard | None] = ContextVar("clientsync_lease", default=None)
@@ -25,7 +32,7 @@ current: ContextVar[LeaseGuard | None] = ContextVar("clientsync_lease", default=
 
 def check_lease() -> None:
     guard = current.get()
-    if guard is not None and guard.lost:
+    if guard is not None and (guard.lost or time.monotonic() >= guard.valid_until):
         raise LeaseLost(f"lost the lease on {guard.what}; stopping before the next provider call")
 
 

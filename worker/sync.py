@@ -101,7 +101,9 @@ async def apply_change(
     if begin.status == "done":
         return Outcome.from_json(begin.outcome or {"result": "skipped"}, replayed=True)
     assert begin.state is not None
-    guard = LeaseGuard(f"client {client_id} at {provider}")
+    # The claim (here, or in the job's start script just before) began the lease: it runs at
+    # least lease_seconds from now, less the few ms since.
+    guard = LeaseGuard(f"client {client_id} at {provider}", valid_until=time.monotonic() + store.lease_seconds)
     renewer = asyncio.create_task(_keep_lease(store, idem, provider, client_id, owner, guard))
     lease_token = lease.current.set(guard)
     written = [0]
@@ -169,17 +171,22 @@ def lease_problems(lease_seconds: float, configs: Mapping[str, ProviderConfig]) 
 
 async def _keep_lease(store: SyncStore, idem: str, provider: str, client_id: str, owner: str,
                       guard: LeaseGuard) -> None:
-    """Renew the client lock every third of the lease while the job works; trip the guard if refused."""
+    """Renew the client lock every third of the lease while the job works; trip the guard if
+    refused. A renewal that succeeds moves `guard.valid_until`; while renewals fail (Redis away),
+    the lease runs out at the last one, and `check_lease` refuses calls from then on (another
+    worker may take the client over once it has run out in Redis)."""
     while True:
         await asyncio.sleep(store.lease_seconds / 3)
+        asked = time.monotonic()
         try:
             ok = await store.renew(idem, provider, client_id, owner=owner)
-        except Exception as exc:  # Redis trouble: try again at the next tick (the lease still has 2/3 left)
+        except Exception as exc:  # Redis trouble: try again at the next tick (`guard.valid_until` still holds)
             log.warning("could not renew the lease on client %s at %s: %r", client_id, provider, exc)
             continue
         if not ok:
             guard.lost = True
             return
+        guard.valid_until = asked + store.lease_seconds
 
 
 async def _claim(

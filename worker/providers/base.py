@@ -239,6 +239,7 @@ class ProviderAdapter(ABC):
         check_lease()  # a job that lost its lease on the client makes no further call
         if self.before_call is not None:
             await self.before_call(self.name)
+            check_lease()  # the wait for a rate-limit slot may have outlasted the lease
         count_call()
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
         try:
