@@ -1,55 +1,23 @@
 """The lease guard refuses a provider call once the job's lease on its client has run out,
-whether a renewal was refused or renewals failed (Redis away) until it expired; and a call that
-waited for a rate-limit slot checks again before it leaves. Over real HTTP to the sandbox."""
+whether a renewal was refused or renewals failed (Redis away) until it expired. (A call that
+waited for a rate-limit slot checks again before it leaves: tests/test_retry_jobs.py, over
+real HTTP to the sandbox.)"""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from worker import lease
 from worker.errors import LeaseLost
 from worker.lease import LeaseGuard, check_lease
-from worker.providers import adapter_class
-from worker.sandbox.server import RunningSandbox, start_sandbox
 from worker.sync import _keep_lease
 
 IN = "invoice_ninja"
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[RunningSandbox]:
-    sb = await start_sandbox(names=[IN])
-    yield sb
-    await sb.stop()
-
-
-async def test_a_call_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent(
-    sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for key, value in sandbox.env().items():
-        monkeypatch.setenv(key, value)
-    guard = LeaseGuard("client c-1 at invoice_ninja")
-
-    async def slot_after_the_lease(provider: str) -> None:  # the wait outlasted the lease
-        guard.valid_until = time.monotonic() - 1
-
-    async with aiohttp.ClientSession() as session:
-        adapter = adapter_class(IN)(adapter_class(IN).settings_class(), session)
-        adapter.before_call = slot_after_the_lease
-        token = lease.current.set(guard)
-        try:
-            with pytest.raises(LeaseLost):
-                await adapter.request("POST", "/api/v1/clients", json_body={"name": "Acme"})
-        finally:
-            lease.current.reset(token)
-    assert sandbox.simulators[IN].calls == [], "the POST never left"
 
 
 def test_a_lease_past_its_time_refuses_calls_though_no_renewal_was_refused() -> None:

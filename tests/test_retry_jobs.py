@@ -18,8 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import change, job_context
-from worker import keys
+from worker import keys, lease
+from worker.errors import LeaseLost
 from worker.jobs import JobContext, before_call_hook, run_job
+from worker.lease import LeaseGuard
 from worker.models import ClientChange
 from worker.providers import adapter_class
 from worker.ratelimit import Limit, RateLimiter
@@ -272,3 +274,25 @@ async def test_a_create_our_rate_limit_stopped_before_its_post_leaves_no_intent_
     limiter._known_blocks.clear()  # the block is over
     assert (await run_job(c, IN, 1, ctx)).state == "succeeded", "no wait for a create that was never sent"
     assert [call.method for call in sim(sandbox).calls].count("POST") == 1 and len(sim(sandbox).clients) == 1
+
+
+async def test_a_call_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent(
+    ctx: JobContext, sandbox: RunningSandbox
+) -> None:
+    """`ProviderAdapter.request` checks the lease again after the rate-limit wait: a slot wait
+    (up to CLIENTSYNC_RATE_WAIT_SECONDS) may outlast the lease, and another worker may hold the
+    client by then."""
+    guard = LeaseGuard("client c-1 at invoice_ninja", valid_until=time.monotonic() + 60)
+
+    async def slot_after_the_lease(provider: str) -> None:
+        guard.valid_until = time.monotonic() - 1
+
+    adapter = ctx.adapters[IN]
+    adapter.before_call = slot_after_the_lease
+    token = lease.current.set(guard)
+    try:
+        with pytest.raises(LeaseLost):
+            await adapter.request("POST", "/api/v1/clients", json_body={"name": "Acme"})
+    finally:
+        lease.current.reset(token)
+    assert sim(sandbox).calls == [], "the POST never left"
