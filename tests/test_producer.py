@@ -40,8 +40,18 @@ async def _queued_event_ids(r: aioredis.Redis) -> list[str]:
 
 async def test_changes_sent_together_are_each_queued_once_with_their_own_task(r: aioredis.Redis) -> None:
     producer = Producer(r, queue="celery", event_ttl=60)
+    script = producer._claim_and_push
+    calls: list[int] = []
+
+    async def counted(*, keys: list[str], args: list[object], client: aioredis.Redis) -> object:
+        calls.append(len(keys) - 1)  # the changes in this call (its first key is the queue)
+        return await script(keys=keys, args=args, client=client)
+
+    producer._claim_and_push = counted  # type: ignore[assignment]
     changes = [_change(f"e{i}", f"c-{i}") for i in range(200)]
     results = await asyncio.gather(*(producer.enqueue(c, received_at=time.time()) for c in changes))
+    # All 200 were waiting before the first call went out: one script call claimed and pushed them.
+    assert calls == [200]
     assert {res.status for res in results} == {"queued"}
     assert len({res.task_id for res in results}) == 200
     assert sorted(await _queued_event_ids(r)) == sorted(c.event_id for c in changes)

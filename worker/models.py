@@ -9,6 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
+import orjson
 import pycountry
 from pydantic import (
     AfterValidator,
@@ -189,7 +190,19 @@ def fingerprint_of(payload: dict[str, Any]) -> str:
     """`ClientChange.fingerprint` from the change's `model_dump(mode="json")`, for a caller that has it.
 
     Stored with event claims and idempotency keys for days: the canonical form must never change.
+    It is `json.dumps(payload, sort_keys=True, separators=(",", ":"))`. orjson writes the same
+    bytes, at about a fifth of the time, for what a `ClientChange` dumps to (strings, integers,
+    booleans, nulls, lists, objects: no floats, which it writes differently; a test keeps floats
+    out of the model) whenever its output is ASCII without DEL: it escapes control characters as
+    the standard library does, but writes non-ASCII characters and DEL as they are, where the
+    standard library escapes them. Anything else takes the standard library.
     """
+    try:
+        fast = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # integers past 64 bits, non-string keys
+        fast = b""
+    if fast and fast.isascii() and b"\x7f" not in fast:
+        return hashlib.sha256(fast).hexdigest()
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -38,26 +38,39 @@ Durability = Literal["none", "aof", "auto"]
 # The claim holds "<task id> <payload fingerprint>": a second send of the event id with the
 # same payload is a duplicate (0), with another payload a conflict (2). A claim written before
 # fingerprints were kept (no space) cannot tell: a duplicate.
-# KEYS: event claim, queue; ARGV: task id, TTL, message, fingerprint -> 1 queued, 0 duplicate, 2 conflict
+# One call claims and pushes a whole batch of changes, each on its own: one change's error (its
+# claim key holding something else: WRONGTYPE) is that change's reply alone.
+# KEYS: queue, then each change's event claim; ARGV: TTL, then each change's task id, message and
+# fingerprint -> per change: 1 queued, 0 duplicate, 2 conflict, or an error reply
 _CLAIM_AND_PUSH = """
-if redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[4], 'NX', 'EX', tonumber(ARGV[2])) then
-  redis.call('LPUSH', KEYS[2], ARGV[3])
-  return 1
+local ttl = tonumber(ARGV[1])
+local function claim_and_push(claim, task_id, message, fingerprint)
+  if redis.call('SET', claim, task_id .. ' ' .. fingerprint, 'NX', 'EX', ttl) then
+    redis.call('LPUSH', KEYS[1], message)
+    return 1
+  end
+  local held = redis.call('GET', claim)
+  local space = held and string.find(held, ' ', 1, true)
+  if space and string.sub(held, space + 1) ~= fingerprint then return 2 end
+  return 0
 end
-local held = redis.call('GET', KEYS[1])
-local space = held and string.find(held, ' ', 1, true)
-if space and string.sub(held, space + 1) ~= ARGV[4] then return 2 end
-return 0
+local replies = {}
+for i = 2, #KEYS do
+  local at = 2 + (i - 2) * 3
+  local ok, reply = pcall(claim_and_push, KEYS[i], ARGV[at], ARGV[at + 1], ARGV[at + 2])
+  if ok then
+    replies[i - 1] = reply
+  else
+    replies[i - 1] = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+  end
+end
+return replies
 """
 
 
 def _masked(value: Any) -> Any:
-    """`value` as JSON-ready data with every email in its strings masked.
-
-    Masking each string that holds an '@' rather than the JSON text of the whole value: the
-    email pattern is tried at every position of the text it scans, about a twentieth of the
-    receiver's time per webhook when it scanned the whole payload.
-    """
+    """`value` as JSON-ready data with every email in its strings masked (the reference for
+    `_masked_json`, and its path for what orjson cannot write)."""
     if isinstance(value, str):
         return mask_emails(value) if "@" in value else value
     if value is None:
@@ -71,6 +84,52 @@ def _masked(value: Any) -> Any:
     return _masked(str(value))
 
 
+def _string_at(text: bytes, at: int) -> tuple[int, int]:
+    """The bounds [start, end) of a JSON string literal, quotes included, within the one that holds
+    `text[at]` and ending with it.
+
+    Inside a string a quote is escaped when an odd number of backslashes precede it, and the first
+    unescaped quote after `at` closes the literal. The nearest quote before `at` opens it, or is an
+    escaped quote inside it: then what follows it up to the close is still a whole literal.
+    """
+    start = text.rindex(b'"', 0, at)
+    end = at
+    while True:
+        end = text.index(b'"', end)
+        run = end
+        while text[run - 1] == 0x5C:  # backslash
+            run -= 1
+        if (end - run) % 2 == 0:
+            return start, end + 1
+        end += 1
+
+
+def _masked_json(text: bytes) -> bytes:
+    """`text` (orjson's JSON of some value) with every email in its strings masked: the same bytes
+    as `orjson.dumps(_masked(value))` (a property test holds them equal).
+
+    Only the string literals that hold an '@' are decoded, masked and written again: walking the
+    whole value in Python cost about a twentieth of the receiver's time per webhook.
+    """
+    at = text.find(b"@")
+    if at < 0:
+        return text
+    parts: list[bytes] = []
+    done = 0
+    while at >= 0:
+        start, end = _string_at(text, at)
+        value = orjson.loads(text[start:end])
+        masked = mask_emails(value)
+        if masked != value:
+            parts += (text[done:start], orjson.dumps(masked))
+            done = end
+        at = text.find(b"@", end)
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return b"".join(parts)
+
+
 def _json(value: Any) -> bytes:
     """`value` as UTF-8 JSON: orjson (measured at about a quarter of `json.dumps`'s time on a
     message envelope), or the standard library for what orjson refuses (integers past 64 bits,
@@ -81,14 +140,41 @@ def _json(value: Any) -> bytes:
         return json.dumps(value).encode()
 
 
-def _readable(value: Any, limit: int = 1000) -> str:
-    text = _json(_masked(value)).decode()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _json_and_readable(value: Any, limit: int = 1000) -> tuple[bytes, str]:
+    """`value` as JSON, and as Flower and `celery inspect` show it: emails masked, bounded."""
+    try:
+        text = orjson.dumps(value)
+        shown = _masked_json(text).decode()
+    except orjson.JSONEncodeError:
+        text = json.dumps(value).encode()
+        shown = _json(_masked(value)).decode()
+    return text, shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+_EMBED = b'{"callbacks":null,"errbacks":null,"chain":null,"chord":null}'
+_origin = ""
+
+
+def _set_origin() -> None:
+    """`pid@host`, as Celery writes it: asked of the system once per process (and again in a forked
+    child), not per message."""
+    global _origin
+    _origin = f"{os.getpid()}@{socket.gethostname()}"
+
+
+_set_origin()
+os.register_at_fork(after_in_child=_set_origin)
 
 
 def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: str, task_id: str) -> bytes:
-    """A Celery message protocol v2 envelope as kombu's Redis transport stores it."""
-    body = _json([args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    """A Celery message protocol v2 envelope as kombu's Redis transport stores it.
+
+    The body is `[args, kwargs, embed]` in JSON, written from the same texts as `argsrepr` and
+    `kwargsrepr` (what Flower and `celery inspect` show: emails masked, bounded).
+    """
+    args_json, args_shown = _json_and_readable(args)
+    kwargs_json, kwargs_shown = _json_and_readable(kwargs)
+    body = b"".join((b"[", args_json, b",", kwargs_json, b",", _EMBED, b"]"))
     return _json({
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -106,10 +192,9 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: s
             "timelimit": [None, None],
             "root_id": task_id,
             "parent_id": None,
-            # what Flower and `celery inspect` show: readable, with emails masked, bounded
-            "argsrepr": _readable(args),
-            "kwargsrepr": _readable(kwargs),
-            "origin": f"{os.getpid()}@{socket.gethostname()}",
+            "argsrepr": args_shown,
+            "kwargsrepr": kwargs_shown,
+            "origin": _origin,
             "ignore_result": True,
         },
         "properties": {
@@ -202,8 +287,8 @@ class DurableWrites:
             raise NotDurable(f"the AOF write was not confirmed within {self.timeout_ms} ms")
 
 
-#: one claim-and-push: the script's keys, its arguments, and the future its caller awaits
-_Waiting = tuple[list[str], list[bytes | str | int], asyncio.Future[int]]
+#: one change to claim and push: its claim key, its task id, message and fingerprint
+_Item = tuple[str, str, bytes, str]
 
 
 class Producer:
@@ -217,7 +302,7 @@ class Producer:
         self.event_ttl = event_ttl
         self.durability = durability or DurableWrites("none")
         self._claim_and_push = redis.register_script(_CLAIM_AND_PUSH)
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[tuple[_Item, asyncio.Future[int]]] = []
         self._pusher: asyncio.Task[None] | None = None
 
     async def warm(self) -> None:
@@ -238,72 +323,72 @@ class Producer:
         payload = change.model_dump(mode="json")
         message = task_message(SYNC_TASK, [payload], {"received_at": received_at}, queue=self.queue,
                                task_id=task_id)
-        script_keys: list[str] = [keys.event(change.event_id), self.queue]
-        script_args: list[bytes | str | int] = [task_id, self.event_ttl, message, fingerprint_of(payload)]
+        item: _Item = (keys.event(change.event_id), task_id, message, fingerprint_of(payload))
         if not await self.durability.wanted(self.redis):
-            pushed = await self._push(script_keys, script_args)
+            pushed = await self._push(item)
         else:
             # One connection for the push and WAITAOF: WAITAOF confirms that connection's writes.
             async with self.redis.client() as conn:
-                pushed = int(await self._claim_and_push(keys=script_keys, args=script_args, client=conn))
+                (reply,) = await self._run(conn, [item])
+                pushed = self._reply(reply)
                 if pushed == 1:
                     await self.durability.wait(conn)
         if pushed == 1:
             return Enqueued("queued", task_id)
         return Enqueued("conflict" if pushed == 2 else "duplicate", None)
 
-    async def _push(self, script_keys: list[str], script_args: list[bytes | str | int]) -> int:
-        """Run the claim-and-push script for one change, in the next pipeline out."""
+    async def _push(self, item: _Item) -> int:
+        """Claim and push one change, in the next batch out."""
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.append((script_keys, script_args, done))
+        self._waiting.append((item, done))
         if self._pusher is None or self._pusher.done():
             self._pusher = asyncio.create_task(self._push_waiting())
         return await done
 
     async def _push_waiting(self) -> None:
-        """Send every waiting script in one pipeline, answer each caller, and again while more wait.
+        """Claim and push every waiting change in one script call, answer each caller, and again
+        while more wait.
 
-        Group commit: under load, the webhooks that arrive while one pipeline is out go together
-        in the next, so redis-py's per-command cost and the socket writes are paid once per
+        Group commit: under load, the webhooks that arrive while one call is out go together in
+        the next, so redis-py's per-command cost, Redis's and the socket writes are paid once per
         batch, not per webhook (docs/benchmarks.md, Ingest). Each caller still hears its own
-        script's reply, after Redis ran it: a 2xx still means queued. A pipeline is not a
-        transaction: one script's error is that caller's alone.
+        change's reply, after Redis ran it: a 2xx still means queued. One change's error is that
+        caller's alone.
         """
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                replies = await self._run_scripts([(k, a) for k, a, _ in batch])
+                replies = await self._run(self.redis, [item for item, _ in batch])
             except asyncio.CancelledError:
-                for *_, done in batch:
+                for _, done in batch:
                     done.cancel()
                 raise
             except Exception as exc:  # the connection failed: every caller of this batch gets it
-                for *_, done in batch:
+                for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for (*_, done), reply in zip(batch, replies, strict=True):
+            for (_, done), reply in zip(batch, replies, strict=True):
                 if done.done():  # its caller went away (the script ran all the same)
                     continue
-                if isinstance(reply, Exception):
-                    done.set_exception(reply)
-                else:
-                    done.set_result(int(reply))
+                try:
+                    done.set_result(self._reply(reply))
+                except redis.exceptions.ResponseError as exc:
+                    done.set_exception(exc)
 
-    async def _run_scripts(self, calls: list[tuple[list[str], list[bytes | str | int]]]) -> list[Any]:
-        """The claim-and-push replies (or errors) of `calls`, in order, from one pipeline."""
-        sha = self._claim_and_push.sha
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for script_keys, script_args in calls:
-                pipe.evalsha(sha, len(script_keys), *script_keys, *script_args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
-        if missing:  # Redis restarted or flushed its scripts: those did not run; load it and run them
-            await self.redis.script_load(_CLAIM_AND_PUSH)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    script_keys, script_args = calls[i]
-                    pipe.evalsha(sha, len(script_keys), *script_keys, *script_args)
-                for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                    replies[i] = reply
-        return replies
+    async def _run(self, client: aioredis.Redis, items: list[_Item]) -> list[Any]:
+        """The claim-and-push reply (or error) of each of `items`, in order, from one script call
+        (redis-py's `Script` loads the script again if Redis lost it)."""
+        script_keys = [self.queue] + [claim for claim, *_ in items]
+        script_args: list[bytes | str | int] = [self.event_ttl]
+        for _claim, task_id, message, fingerprint in items:
+            script_args += (task_id, message, fingerprint)
+        replies = await self._claim_and_push(keys=script_keys, args=script_args, client=client)
+        return list(replies)
+
+    @staticmethod
+    def _reply(reply: Any) -> int:
+        """1 queued, 0 duplicate, 2 conflict; a change's error reply is raised."""
+        if isinstance(reply, Exception):
+            raise reply
+        return int(reply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
 import redis.exceptions
 from aiohttp import web
 from pydantic import ValidationError
@@ -58,10 +59,14 @@ async def receive_client_webhook(request: web.Request) -> web.Response:
     if result.status == "conflict":
         return await _conflict(request, change)
     if result.status == "duplicate":
-        return web.json_response({"event_id": change.event_id, "status": "duplicate"}, status=200)
+        return _answer({"event_id": change.event_id, "status": "duplicate"}, status=200)
     log.info("queued event %s for client %s", change.event_id, change.client.id)
-    return web.json_response({"event_id": change.event_id, "status": "queued", "task_id": result.task_id},
-                             status=202)
+    return _answer({"event_id": change.event_id, "status": "queued", "task_id": result.task_id}, status=202)
+
+
+def _answer(data: dict[str, str | None], *, status: int) -> web.Response:
+    """`web.json_response`'s answer, written by orjson (about half its time per webhook)."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", charset="utf-8")
 
 
 def parse_change(body: bytes) -> ClientChange | web.Response:
