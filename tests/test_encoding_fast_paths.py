@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import change
 from worker.models import ClientChange, fingerprint_of
-from worker.producer import _masked, _masked_json, task_message
+from worker.producer import _masked, _masked_json, task_message, uuid4_text
 
 # Strings that stress both: quotes, backslashes, control characters, DEL, non-ASCII, astral
 # characters, and '@' in and around email-like text.
@@ -120,3 +120,33 @@ def _pid_and_origin() -> tuple[int, str]:
     import os
 
     return os.getpid(), str(json.loads(task_message("t", [], {}, queue="q", task_id="id"))["headers"]["origin"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=16, max_size=16))
+def test_uuid4_text_is_what_the_uuid_module_writes(raw: bytes) -> None:
+    import uuid
+
+    assert uuid4_text(raw) == str(uuid.UUID(bytes=raw, version=4))
+
+
+async def test_each_queued_message_has_its_own_task_id_and_delivery_tag(fresh_redis_url: str) -> None:
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from worker.producer import Producer
+
+    r = aioredis.from_url(fresh_redis_url)
+    try:
+        producer = Producer(r, queue="celery", event_ttl=60)
+        for i in range(50):
+            queued = await producer.enqueue(ClientChange.model_validate(change(f"e{i}", f"c-{i}")), received_at=1.0)
+            assert queued.status == "queued"
+        envelopes = [json.loads(raw) for raw in await r.lrange("celery", 0, -1)]
+    finally:
+        await r.aclose()
+    ids = [e["headers"]["id"] for e in envelopes]
+    tags = [e["properties"]["delivery_tag"] for e in envelopes]
+    assert len(set(ids) | set(tags)) == 100
+    assert all(uuid.UUID(v).version == 4 for v in ids + tags)

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -166,7 +165,18 @@ _set_origin()
 os.register_at_fork(after_in_child=_set_origin)
 
 
-def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: str, task_id: str) -> bytes:
+def uuid4_text(raw: bytes) -> str:
+    """The version 4 UUID of 16 random bytes, as `str(uuid.uuid4())` writes it (without building
+    the `UUID` object: a receiver makes two per webhook)."""
+    b = bytearray(raw)
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: str, task_id: str,
+                 delivery_tag: str | None = None) -> bytes:
     """A Celery message protocol v2 envelope as kombu's Redis transport stores it.
 
     The body is `[args, kwargs, embed]` in JSON, written from the same texts as `argsrepr` and
@@ -204,7 +214,7 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], *, queue: s
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": delivery_tag or uuid4_text(os.urandom(16)),
         },
     })
 
@@ -319,10 +329,11 @@ class Producer:
     async def enqueue(self, change: ClientChange, *, received_at: float) -> Enqueued:
         """Queue `change` unless its event id was seen (then: a duplicate, or a conflict if the
         payload differs); raises redis errors to the caller."""
-        task_id = str(uuid.uuid4())
+        raw = os.urandom(32)  # the task id and the delivery tag, from one system call
+        task_id = uuid4_text(raw[:16])
         payload = change.model_dump(mode="json")
         message = task_message(SYNC_TASK, [payload], {"received_at": received_at}, queue=self.queue,
-                               task_id=task_id)
+                               task_id=task_id, delivery_tag=uuid4_text(raw[16:]))
         item: _Item = (keys.event(change.event_id), task_id, message, fingerprint_of(payload))
         if not await self.durability.wanted(self.redis):
             pushed = await self._push(item)
