@@ -66,7 +66,10 @@ async def test_every_provider_answer_from_every_worker_is_counted_by_status_in_m
         # what the provider answered, as the provider itself recorded it
         answered = Counter(str(c["status"]) for c in await sandbox_calls(http, sandbox)
                            if "/_sandbox/" not in c["path"])
-        assert answered["422"] == 3 and sum(answered.values()) > 11
+        # Each bad job died on a 422. LSP.expert's identity lookups that wait at the same moment in
+        # one worker process share one pass over the pages (worker.providers.shared), and a pass
+        # that fails fails them all: 1 to 3 answers of 422 for the 3 jobs.
+        assert 1 <= answered["422"] <= 3 and sum(answered.values()) >= 10  # 8 creates, a lookup, a 422
         deadline = time.monotonic() + 30
         counted = await _metrics(http, stack)
         while counted != answered and time.monotonic() < deadline:
