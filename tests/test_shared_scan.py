@@ -189,3 +189,32 @@ async def test_after_a_cancelled_pass_the_next_search_reads_afresh() -> None:
             await task
     listing.gate_after.set()
     assert [r.id for r in await scan.search([("name", "bob")])] == ["2"]
+
+
+async def test_a_search_is_charged_its_wait_for_the_pass_as_provider_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.providers.shared as shared
+    from worker.lease import provider_time
+
+    class Clock:
+        now = 100.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(shared, "time", clock)
+    listing = Listing(["ann", "bob"])
+    listing.gate_before.clear()
+    scan = by_name(listing)
+    waited = [0.0]
+
+    async def search() -> list[RemoteClient]:
+        provider_time.set(waited)  # this task's own context, as worker.jobs sets it per job
+        return await scan.search([("name", "bob")])
+
+    task = asyncio.create_task(search())
+    await asyncio.sleep(0)
+    clock.now = 107.5  # the pass takes 7.5 s of the provider's time
+    listing.gate_before.set()
+    assert [r.id for r in await task] == ["2"]
+    assert waited == [7.5]

@@ -54,6 +54,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.lease import calls as lease_calls
+from worker.lease import provider_time
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
@@ -257,6 +258,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return await _already_finished(job_id, change, start.previous, attempt, ctx, bound)
     started = time.time()
     calls = [0]
+    waited = [0.0]  # seconds spent waiting on the provider (worker.lease.provider_time)
     #: set once the job's finish script has recorded the outcome everywhere
     finished: list[Attempt] = []
 
@@ -265,7 +267,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         took = (time.time() - started) * 1000
         skipped = outcome.result == "skipped"
         done = Attempt(attempt, started, "skipped" if skipped else "succeeded",
-                       duration_ms=round(took, 1), message=outcome.reason or outcome.result)
+                       duration_ms=round(took, 1), message=outcome.reason or outcome.result,
+                       provider_ms=round(waited[0] * 1000, 1))
         fields = (Ledger.skipped_fields(done, reason=outcome.reason or "skipped", provider_id=outcome.provider_id)
                   if skipped else
                   Ledger.succeeded_fields(done, result=outcome.result, provider_id=outcome.provider_id,
@@ -286,7 +289,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             finished.append(done)
         return answer
 
-    counting = lease_calls.set(calls)
+    counting, timing = lease_calls.set(calls), provider_time.set(waited)
     try:
         outcome = await apply_change(change, adapter, ctx.store, owner=token, lock_wait=ctx.lock_wait, rng=ctx.rng,
                                      first=start.begin, finish=finish)
@@ -337,6 +340,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
     finally:
         lease_calls.reset(counting)
+        provider_time.reset(timing)
     if finished:
         done = finished[0]
     else:  # a completed key answered (`replayed`): nothing to finish in the store
@@ -403,6 +407,8 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
     fields = exc.field_errors if isinstance(exc, ProviderError) else {}
     message = str(exc)
     took = round((time.time() - started) * 1000, 1)
+    waited = provider_time.get()  # still the failed run's own (this runs inside its except)
+    at_provider = round(waited[0] * 1000, 1) if waited is not None else None
     if exc.retryable and attempt < policy.max_attempts:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
@@ -419,11 +425,12 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
             # The circuit is open: there is no point coming back before it may be probed.
             delay = circuit.wait + ctx.rng.uniform(0, ctx.circuit_recheck)
         await ctx.ledger.retrying(job_id, Attempt(attempt, started, "retrying", exc.kind, status, message, fields,
-                                                  next_attempt_at=time.time() + delay, duration_ms=took))
+                                                  next_attempt_at=time.time() + delay, duration_ms=took,
+                                                  provider_ms=at_provider))
         _outcome(logging.WARNING, "retrying", {**bound, "error": exc.kind, "status": status, "in_s": round(delay, 2)})
         return await _park(job_id, change, provider, attempt + 1, delay, ctx)
     await ctx.ledger.dead(job_id, Attempt(attempt, started, "dead", exc.kind, status, message, fields,
-                                          duration_ms=took))
+                                          duration_ms=took, provider_ms=at_provider))
     _outcome(logging.ERROR, "dead", {**bound, "error": exc.kind, "status": status, "message": mask_emails(message)})
     return Decision(state="dead")
 

@@ -56,3 +56,16 @@ def count_call() -> None:
     box = calls.get()
     if box is not None:
         box[0] += 1
+
+
+#: seconds the running job spent waiting on its provider: its own HTTP calls, and the shared
+#: passes over a provider's pages it waited for (`worker.providers.shared`). Set by `worker.jobs`;
+#: each attempt records it as `provider_ms` beside its `duration_ms`, so the time a job spent in
+#: clientsync itself (queues, Redis, rate-limit waits) is the rest.
+provider_time: ContextVar[list[float] | None] = ContextVar("clientsync_provider_time", default=None)
+
+
+def add_provider_time(seconds: float) -> None:
+    box = provider_time.get()
+    if box is not None:
+        box[0] += seconds

@@ -340,6 +340,8 @@ class Attempt:
     field_errors: dict[str, list[str]] = field(default_factory=dict)
     next_attempt_at: float | None = None
     duration_ms: float | None = None
+    #: of `duration_ms`, the time spent waiting on the provider (`worker.lease.provider_time`)
+    provider_ms: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

@@ -29,7 +29,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.lease import check_lease, count_call, count_write
+from worker.lease import add_provider_time, check_lease, count_call, count_write
 from worker.models import Client
 
 
@@ -242,6 +242,7 @@ class ProviderAdapter(ABC):
             check_lease()  # the wait for a rate-limit slot may have outlasted the lease
         count_call()
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
+        sent = time.monotonic()
         try:
             async with self.session.request(
                 method, url, json=json_body, params=params, headers=all_headers, timeout=self._timeout
@@ -258,6 +259,8 @@ class ProviderAdapter(ABC):
             # Refused before anything was sent is clear; a connection lost after sending is not.
             failed.unclear = method != "GET" and not isinstance(exc, aiohttp.ClientConnectorError)
             raise failed from exc
+        finally:
+            add_provider_time(time.monotonic() - sent)
         body: Any = None
         if raw:
             body = _decode(raw)

@@ -599,6 +599,7 @@ function renderJob(box, job) {
       timeEl(a.at), " ", a.number ? `attempt ${a.number} ` : "", badge(a.outcome), " ", bits.join(" · "),
       a.next_attempt_at ? el("span", {}, " · next attempt ", timeEl(a.next_attempt_at)) : "",
       a.duration_ms ? ` · ${a.duration_ms} ms` : "",
+      a.provider_ms != null && a.duration_ms ? ` (${a.provider_ms} ms at the provider)` : "",
       fieldErrors.length ? el("ul", {}, fieldErrors.map((t) => el("li", {}, t))) : null));
   }
   if (!job.history.length) timeline.append(el("li", { class: "muted" }, "no attempt yet"));
