@@ -318,17 +318,20 @@ class Run:
         return self.records - self.applied
 
 
-async def send_all(url: str, secret: str, changes: list[dict[str, Any]], senders: int,
+async def send_all(url: str, secret: str, changes: list[dict[str, Any]], senders: int, rate: float,
                    sent_at: dict[str, float]) -> tuple[Counter[int], float]:
-    """POST each change once (signed, the same bytes for both systems); record each start time."""
+    """POST each change once (signed, the same bytes for both systems), the i-th at i / rate seconds
+    (rate 0: as fast as `senders` allow); record each start time."""
     sem = asyncio.Semaphore(senders)
     statuses: Counter[int] = Counter()
     connector = aiohttp.TCPConnector(limit=senders)
     async with aiohttp.ClientSession(connector=connector) as http:
 
-        async def send(change: dict[str, Any]) -> None:
+        async def send(i: int, change: dict[str, Any]) -> None:
             body = json.dumps(change).encode()
             headers = signed_headers(secret, body)
+            if rate:
+                await asyncio.sleep(max(0.0, begin + i / rate - time.time()))
             async with sem:
                 sent_at[change["client"]["email"]] = time.time()
                 try:
@@ -338,7 +341,8 @@ async def send_all(url: str, secret: str, changes: list[dict[str, Any]], senders
                 except aiohttp.ClientError:
                     statuses[0] += 1
 
-        await asyncio.gather(*(send(c) for c in changes))
+        begin = time.time()
+        await asyncio.gather(*(send(i, c) for i, c in enumerate(changes)))
     return statuses, time.time()
 
 
@@ -349,7 +353,7 @@ async def drive(sandbox: Sandbox, url: str, secret: str, changes: list[dict[str,
     n = len(changes)
     async with aiohttp.ClientSession() as http:
         started = time.time()
-        sender = asyncio.create_task(send_all(url, secret, changes, args.senders, sent_at))
+        sender = asyncio.create_task(send_all(url, secret, changes, args.senders, args.rate, sent_at))
         last, moved = -1, time.monotonic()
         deadline = time.monotonic() + args.timeout
         while True:
@@ -465,7 +469,9 @@ def report(args: argparse.Namespace, runs: list[Run], n8n: N8n, machine: str, eg
         "```",
         "",
         f"Each run: {args.n:,} distinct client creates (signed webhooks, the same bytes to both), "
-        f"{args.senders} concurrent senders, the sandbox reset before the run; order "
+        f"{args.senders} concurrent senders, "
+        f"{f'paced at {args.rate:g} webhooks/s' if args.rate else 'as fast as answered'}, "
+        "the sandbox reset before the run; order "
         f"{', '.join(r.system for r in runs)}.",
         f"n8n {n8n.version} on Node {node}: Webhook (POST, respond immediately) → HTTP Request (POST "
         "/api/v1/clients, X-API-TOKEN); SQLite, executions saved as by default; no signature check, no lookup, "
@@ -499,6 +505,9 @@ def report(args: argparse.Namespace, runs: list[Run], n8n: N8n, machine: str, eg
     if ratios:
         out += ["", f"clientsync / n8n, per round: {', '.join(f'{x:.1f}x' for x in ratios)}"
                     + (f" (median {statistics.median(ratios):.1f}x)" if len(ratios) > 1 else "")]
+    if args.rate:
+        out += ["", f"Paced at {args.rate:g} webhooks/s: a system that keeps up applies at the offered rate, so "
+                    "the ratio says nothing here; compare sent→applied latency and CPU per change."]
     out += ["", "Notes:"]
     for r in runs:
         routes = ", ".join(f"{k} x {v}" for k, v in sorted(r.calls.items()))
@@ -527,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (n8n, clientsync)")
     parser.add_argument("--latency-ms", type=float, default=100.0, help="added to every sandbox provider call")
     parser.add_argument("--senders", type=int, default=64, help="concurrent webhook senders (both systems)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="webhooks per second, both systems (0 = as fast as the senders get answers); "
+                             "pace below n8n's rate to compare sent->applied latency")
     parser.add_argument("--first", choices=SYSTEMS, default="n8n", help="which system runs first in each round")
     parser.add_argument("--warmup", type=int, default=50, help="changes through each system before the rounds")
     parser.add_argument("--n8n-bin", default=DEFAULT_N8N_BIN, help="the n8n executable (make bench-n8n installs it)")
