@@ -554,3 +554,34 @@ async def test_unsupported_fields_names_what_invoice_ninja_cannot_hold(
     by_id_number = make_adapter(NAME, sandbox, session, monkeypatch, id_field="id_number")
     assert isinstance(by_id_number, InvoiceNinja)
     assert by_id_number.unsupported_fields(rich()) == ["tax_id"]
+
+
+async def test_a_lookup_by_several_non_unique_keys_sends_its_searches_at_once(
+        adapter: InvoiceNinja, sim: InvoiceNinjaSandbox) -> None:
+    """`search_any` (namesakes, lookalikes) sends one search per key together, so a first create
+    waits for the slowest, not their sum. Proven with the sandbox holding every call: both
+    searches are in flight before either is answered. The answer is the same as one by one."""
+    import asyncio
+    import time
+
+    from worker.identity import field_value
+
+    client = Client(id="c-any", name="Acme Any", email="any@acme.test")
+    one = (await adapter.create(Client(id="c-one", name="Acme Any", email="one@acme.test"))).id
+    two = (await adapter.create(Client(id="c-two", name="Other", email="any@acme.test"))).id
+    searches = [(key, value) for key in adapter.identity.similar if (value := field_value(client, key))]
+    assert len(searches) == 2
+    sim.faults.hold = True
+    sim._hold(True)
+    try:
+        lookup = asyncio.create_task(adapter.search_any(searches))
+        deadline = time.monotonic() + 30  # guards a hang only
+        while sim.in_flight < 2:
+            assert not lookup.done() and time.monotonic() < deadline, "the searches were not sent together"
+            await asyncio.sleep(0.005)
+    finally:
+        sim.faults.hold = False
+        sim._hold(False)
+    found = [r.id for r in await lookup]
+    one_by_one = [r.id for key, value in searches for r in await adapter.search(key, value)]
+    assert sorted(found) == sorted({one, two}) and found == list(dict.fromkeys(one_by_one))

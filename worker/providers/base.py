@@ -7,6 +7,7 @@ fixed order (see `classify`). Adapters never retry: the task layer owns retries.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from abc import ABC, abstractmethod
@@ -330,12 +331,18 @@ class ProviderAdapter(ABC):
         raise NotImplementedError(f"{self.name} declares no searchable identity keys")
 
     async def search_any(self, searches: Sequence[tuple[str, str]]) -> list[RemoteClient]:
-        """Records matching any of the `(key, value)` searches, each once, in the order found.
-        One `search` per pair here; an adapter whose searches all read the same list (no API
-        filter) overrides this with a single pass."""
+        """Records matching any of the `(key, value)` searches, each once, in the order of the
+        searches and then of each one's answer. One `search` per pair here, all at once (they are
+        reads: a create waits for the slowest, not for their sum); an adapter whose searches all
+        read the same list (no API filter) overrides this with a single pass. A search that fails
+        fails the lot, after the others have ended (none is left running)."""
+        answers = await asyncio.gather(*(self.search(key, value) for key, value in searches),
+                                       return_exceptions=True)
         found: dict[str, RemoteClient] = {}
-        for key, value in searches:
-            for remote in await self.search(key, value):
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+            for remote in answer:
                 found.setdefault(remote.id, remote)
         return list(found.values())
 
