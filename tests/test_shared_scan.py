@@ -192,8 +192,8 @@ async def test_after_a_cancelled_pass_the_next_search_reads_afresh() -> None:
 
 
 async def test_a_search_is_charged_its_wait_for_the_pass_as_provider_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.providers.shared as shared
-    from worker.lease import provider_time
+    import worker.lease
+    from worker.lease import ProviderTime, provider_time
 
     class Clock:
         now = 100.0
@@ -202,19 +202,20 @@ async def test_a_search_is_charged_its_wait_for_the_pass_as_provider_time(monkey
             return self.now
 
     clock = Clock()
-    monkeypatch.setattr(shared, "time", clock)
+    monkeypatch.setattr(worker.lease, "time", clock)
     listing = Listing(["ann", "bob"])
     listing.gate_before.clear()
     scan = by_name(listing)
-    waited = [0.0]
+    waited = ProviderTime()
 
-    async def search() -> list[RemoteClient]:
+    async def search(key: str) -> list[RemoteClient]:
         provider_time.set(waited)  # this task's own context, as worker.jobs sets it per job
-        return await scan.search([("name", "bob")])
+        return await scan.search([("name", key)])
 
-    task = asyncio.create_task(search())
+    # two searches of one job at once (as identity lookups go together): their wait counts once
+    tasks = [asyncio.create_task(search("bob")), asyncio.create_task(search("ann"))]
     await asyncio.sleep(0)
     clock.now = 107.5  # the pass takes 7.5 s of the provider's time
     listing.gate_before.set()
-    assert [r.id for r in await task] == ["2"]
-    assert waited == [7.5]
+    assert [[r.id for r in await t] for t in tasks] == [["2"], ["1"]]
+    assert waited.seconds == 7.5

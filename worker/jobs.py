@@ -53,8 +53,8 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
+from worker.lease import ProviderTime, provider_time
 from worker.lease import calls as lease_calls
-from worker.lease import provider_time
 from worker.ledger import Attempt, Ledger
 from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
@@ -258,7 +258,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return await _already_finished(job_id, change, start.previous, attempt, ctx, bound)
     started = time.time()
     calls = [0]
-    waited = [0.0]  # seconds spent waiting on the provider (worker.lease.provider_time)
+    waited = ProviderTime()  # the time at the provider (worker.lease.provider_time)
     #: set once the job's finish script has recorded the outcome everywhere
     finished: list[Attempt] = []
 
@@ -268,7 +268,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         skipped = outcome.result == "skipped"
         done = Attempt(attempt, started, "skipped" if skipped else "succeeded",
                        duration_ms=round(took, 1), message=outcome.reason or outcome.result,
-                       provider_ms=round(waited[0] * 1000, 1))
+                       provider_ms=round(waited.seconds * 1000, 1))
         fields = (Ledger.skipped_fields(done, reason=outcome.reason or "skipped", provider_id=outcome.provider_id)
                   if skipped else
                   Ledger.succeeded_fields(done, result=outcome.result, provider_id=outcome.provider_id,
@@ -408,7 +408,7 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
     message = str(exc)
     took = round((time.time() - started) * 1000, 1)
     waited = provider_time.get()  # still the failed run's own (this runs inside its except)
-    at_provider = round(waited[0] * 1000, 1) if waited is not None else None
+    at_provider = round(waited.seconds * 1000, 1) if waited is not None else None
     if exc.retryable and attempt < policy.max_attempts:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from worker.errors import LeaseLost
@@ -58,14 +60,42 @@ def count_call() -> None:
         box[0] += 1
 
 
-#: seconds the running job spent waiting on its provider: its own HTTP calls, and the shared
-#: passes over a provider's pages it waited for (`worker.providers.shared`). Set by `worker.jobs`;
-#: each attempt records it as `provider_ms` beside its `duration_ms`, so the time a job spent in
-#: clientsync itself (queues, Redis, rate-limit waits) is the rest.
-provider_time: ContextVar[list[float] | None] = ContextVar("clientsync_provider_time", default=None)
+class ProviderTime:
+    """The wall time a job spent with at least one provider call (or shared pass) out: calls
+    sent together count once, so it never exceeds the time the job took."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._out = 0
+        self._since = 0.0
+
+    def enter(self) -> None:
+        if self._out == 0:
+            self._since = time.monotonic()
+        self._out += 1
+
+    def leave(self) -> None:
+        self._out -= 1
+        if self._out == 0:
+            self.seconds += time.monotonic() - self._since
 
 
-def add_provider_time(seconds: float) -> None:
-    box = provider_time.get()
-    if box is not None:
-        box[0] += seconds
+#: the running job's time at its provider: its own HTTP calls, and the shared passes over a
+#: provider's pages it waited for (`worker.providers.shared`). Set by `worker.jobs`; each attempt
+#: records it as `provider_ms` beside its `duration_ms`, so the time a job spent in clientsync
+#: itself (queues, Redis, rate-limit waits) is the rest.
+provider_time: ContextVar[ProviderTime | None] = ContextVar("clientsync_provider_time", default=None)
+
+
+@contextmanager
+def at_provider() -> Iterator[None]:
+    """Counts the time inside as the running job's time at its provider."""
+    clock = provider_time.get()
+    if clock is None:
+        yield
+        return
+    clock.enter()
+    try:
+        yield
+    finally:
+        clock.leave()

@@ -30,7 +30,7 @@ from worker.errors import (
     RateLimitedError,
     TransientError,
 )
-from worker.lease import add_provider_time, check_lease, count_call, count_write
+from worker.lease import at_provider, check_lease, count_call, count_write
 from worker.models import Client
 
 
@@ -243,14 +243,14 @@ class ProviderAdapter(ABC):
             check_lease()  # the wait for a rate-limit slot may have outlasted the lease
         count_call()
         all_headers = {"Accept": "application/json", **self.auth_headers(), **(headers or {})}
-        sent = time.monotonic()
         try:
-            async with self.session.request(
-                method, url, json=json_body, params=params, headers=all_headers, timeout=self._timeout
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-                resp_headers = resp.headers
+            with at_provider():
+                async with self.session.request(
+                    method, url, json=json_body, params=params, headers=all_headers, timeout=self._timeout
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    resp_headers = resp.headers
         except TimeoutError as exc:
             timed_out = ProviderUnavailable(f"timed out after {self.config.timeout:g}s", provider=self.name)
             timed_out.unclear = method != "GET"  # the provider may still apply it
@@ -260,8 +260,6 @@ class ProviderAdapter(ABC):
             # Refused before anything was sent is clear; a connection lost after sending is not.
             failed.unclear = method != "GET" and not isinstance(exc, aiohttp.ClientConnectorError)
             raise failed from exc
-        finally:
-            add_provider_time(time.monotonic() - sent)
         body: Any = None
         if raw:
             body = _decode(raw)

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
-from worker.lease import add_provider_time, calls, check_lease
+from worker.lease import at_provider, calls, check_lease
 from worker.providers.base import RemoteClient
 
 Key = tuple[str, str]
@@ -79,13 +78,12 @@ class SharedScan:
         if not self._running:
             self._running = True
             self._runner = loop.create_task(self._run(), context=contextvars.Context())
-        asked = time.monotonic()
         try:
-            await asyncio.shield(joined.future)
-        finally:
             # The wait is provider time: the pass's own calls, or the pass before it (which this
             # search may not join) reading the same pages.
-            add_provider_time(time.monotonic() - asked)
+            with at_provider():
+                await asyncio.shield(joined.future)
+        finally:
             box = calls.get()
             if box is not None and joined.future.done():
                 box[0] += joined.calls
