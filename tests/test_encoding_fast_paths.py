@@ -150,3 +150,31 @@ async def test_each_queued_message_has_its_own_task_id_and_delivery_tag(fresh_re
     tags = [e["properties"]["delivery_tag"] for e in envelopes]
     assert len(set(ids) | set(tags)) == 100
     assert all(uuid.UUID(v).version == 4 for v in ids + tags)
+
+
+_NUMBERS = (st.integers() | st.integers(min_value=2**63 - 5, max_value=2**64 + 5)
+            | st.integers(max_value=-(2**63) + 5, min_value=-(2**63) - 5)
+            | st.floats(allow_nan=False, allow_infinity=False))
+_ANSWER = st.recursive(st.none() | st.booleans() | _NUMBERS | _TEXT,
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+                       max_leaves=20)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_ANSWER, st.booleans())
+def test_a_provider_answer_reads_as_the_standard_library_reads_it(value: Any, spaced: bool) -> None:
+    from worker.providers.base import _decode
+
+    raw = json.dumps(value, separators=(", ", ": ") if spaced else (",", ":")).encode()
+    decoded = _decode(raw)
+    # the same values and the same types (an integer past 64 bits must stay an integer)
+    assert json.dumps(decoded) == json.dumps(json.loads(raw))
+
+
+def test_answers_orjson_reads_differently_or_refuses_take_the_standard_library() -> None:
+    from worker.providers.base import _decode
+
+    for raw in (b'{"id": 18446744073709551616}', b'[-9223372036854775809]', b'{"id": 123456789012345678901234}',
+                b'{"x": NaN}', b'["\\ud800"]', b"[1e400]", b'{"phone": "12345678901234567890", "n": 1}'):
+        assert json.dumps(_decode(raw)) == json.dumps(json.loads(raw)), raw
+    assert _decode(b"<html>502 Bad Gateway</html>") == "<html>502 Bad Gateway</html>"
