@@ -110,3 +110,31 @@ async def test_what_orjson_cannot_write_is_queued_all_the_same(r: aioredis.Redis
     args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
     assert ClientChange.model_validate(args[0]) == sent
     assert envelope["headers"]["task"] == "clientsync.sync_client" and "received_at" in kwargs
+
+
+async def test_a_push_that_fails_after_its_claim_takes_the_claim_back(r: aioredis.Redis) -> None:
+    producer = Producer(r, queue="celery", event_ttl=60)
+    await r.set("celery", "not a list")  # every LPUSH fails: WRONGTYPE
+    sent = [_change("q1", "c-1"), _change("q2", "c-2")]
+    results = await asyncio.gather(*(producer.enqueue(c, received_at=time.time()) for c in sent),
+                                   return_exceptions=True)
+    assert all(isinstance(res, redis.exceptions.ResponseError) for res in results)
+    assert await r.exists(keys.event("q1"), keys.event("q2")) == 0  # nothing claimed: the 503's retry works
+    await r.delete("celery")
+    assert [(await producer.enqueue(c, received_at=time.time())).status for c in sent] == ["queued", "queued"]
+    assert sorted(await _queued_event_ids(r)) == ["q1", "q2"]
+
+
+async def test_any_error_a_change_meets_is_its_callers_alone_and_the_rest_are_answered(r: aioredis.Redis) -> None:
+    producer = Producer(r, queue="celery", event_ttl=60)
+
+    async def run(_client: object, items: list[object]) -> list[object]:
+        # redis-py makes some error replies (LOADING, NOAUTH) ConnectionErrors, not ResponseErrors
+        return [1, redis.exceptions.ConnectionError("x"), 1][:len(items)]
+
+    producer._run = run  # type: ignore[assignment,method-assign]
+    results = await asyncio.wait_for(asyncio.gather(
+        *(producer.enqueue(_change(f"e{i}", f"c-{i}"), received_at=time.time()) for i in range(3)),
+        return_exceptions=True), timeout=30)  # guards a hang only
+    assert [getattr(res, "status", None) for res in results] == ["queued", None, "queued"]
+    assert isinstance(results[1], redis.exceptions.ConnectionError)

@@ -80,10 +80,11 @@ class ProviderTime:
             self.seconds += time.monotonic() - self._since
 
 
-#: the running job's time at its provider: its own HTTP calls, and the shared passes over a
-#: provider's pages it waited for (`worker.providers.shared`). Set by `worker.jobs`; each attempt
-#: records it as `provider_ms` beside its `duration_ms`, so the time a job spent in clientsync
-#: itself (queues, Redis, rate-limit waits) is the rest.
+#: the running job's time at its provider: its own HTTP calls (not their rate-limit slot waits),
+#: and the shared passes over a provider's pages it waited for (`worker.providers.shared`), whole:
+#: a pass's own rate-limit waits, and the earlier pass a search may not join, count too. Set by
+#: `worker.jobs`; each attempt records it as `provider_ms` beside its `duration_ms`, so the time
+#: a job spent in clientsync itself (queues, Redis, its own rate-limit waits) is the rest.
 provider_time: ContextVar[ProviderTime | None] = ContextVar("clientsync_provider_time", default=None)
 
 

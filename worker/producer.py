@@ -38,14 +38,19 @@ Durability = Literal["none", "aof", "auto"]
 # same payload is a duplicate (0), with another payload a conflict (2). A claim written before
 # fingerprints were kept (no space) cannot tell: a duplicate.
 # One call claims and pushes a whole batch of changes, each on its own: one change's error (its
-# claim key holding something else: WRONGTYPE) is that change's reply alone.
+# claim key holding something else: WRONGTYPE) is that change's reply alone. A push that fails
+# after its claim was set takes the claim back, so the sender's retry is not a "duplicate".
 # KEYS: queue, then each change's event claim; ARGV: TTL, then each change's task id, message and
 # fingerprint -> per change: 1 queued, 0 duplicate, 2 conflict, or an error reply
 _CLAIM_AND_PUSH = """
 local ttl = tonumber(ARGV[1])
 local function claim_and_push(claim, task_id, message, fingerprint)
   if redis.call('SET', claim, task_id .. ' ' .. fingerprint, 'NX', 'EX', ttl) then
-    redis.call('LPUSH', KEYS[1], message)
+    local pushed, err = pcall(redis.call, 'LPUSH', KEYS[1], message)
+    if not pushed then
+      redis.call('DEL', claim)  -- not queued: no claim may swallow the sender's retry
+      error(err)
+    end
     return 1
   end
   local held = redis.call('GET', claim)
@@ -104,8 +109,10 @@ def _string_at(text: bytes, at: int) -> tuple[int, int]:
 
 
 def _masked_json(text: bytes) -> bytes:
-    """`text` (orjson's JSON of some value) with every email in its strings masked: the same bytes
-    as `orjson.dumps(_masked(value))` (a property test holds them equal).
+    """`text` (orjson's JSON of some value) with every email in its strings masked: what
+    `orjson.dumps(_masked(value))` writes, but for two keys of one object that mask to the same
+    text, which both stay here where `_masked`'s dict keeps the last (a property test holds them
+    equal as JSON values, and byte for byte on a change).
 
     Only the string literals that hold an '@' are decoded, masked and written again: walking the
     whole value in Python cost about a twentieth of the receiver's time per webhook.
@@ -384,7 +391,7 @@ class Producer:
                     continue
                 try:
                     done.set_result(self._reply(reply))
-                except redis.exceptions.ResponseError as exc:
+                except Exception as exc:  # its error reply (whatever class redis-py made of it)
                     done.set_exception(exc)
 
     async def _run(self, client: aioredis.Redis, items: list[_Item]) -> list[Any]:
