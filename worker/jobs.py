@@ -264,7 +264,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
 
     def ending(outcome: Outcome) -> tuple[Attempt, Call, Call | None]:
         """The ledger's and the circuit's part of the finish script for `outcome`."""
-        took = (time.time() - started) * 1000
+        took = waited.elapsed_ms()
         skipped = outcome.result == "skipped"
         done = Attempt(attempt, started, "skipped" if skipped else "succeeded",
                        duration_ms=round(took, 1), message=outcome.reason or outcome.result,
@@ -406,8 +406,8 @@ async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int
     status = exc.status if isinstance(exc, ProviderError) else None
     fields = exc.field_errors if isinstance(exc, ProviderError) else {}
     message = str(exc)
-    took = round((time.time() - started) * 1000, 1)
     waited = provider_time.get()  # still the failed run's own (this runs inside its except)
+    took = waited.elapsed_ms() if waited is not None else round((time.time() - started) * 1000, 1)
     at_provider = round(waited.seconds * 1000, 1) if waited is not None else None
     if exc.retryable and attempt < policy.max_attempts:
         retry_after = getattr(exc, "retry_after", None)

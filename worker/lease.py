@@ -66,8 +66,15 @@ class ProviderTime:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        #: when the job's attempt began, on the same clock (its `duration_ms` is measured from it)
+        self.began = time.monotonic()
         self._out = 0
         self._since = 0.0
+
+    def elapsed_ms(self) -> float:
+        """The attempt's time so far, on the clock `seconds` is measured on (a wall-clock step
+        cannot make the provider's part exceed it)."""
+        return round((time.monotonic() - self.began) * 1000, 1)
 
     def enter(self) -> None:
         if self._out == 0:
