@@ -74,6 +74,7 @@ from bench_throughput import (
     make_changes,
     num,
     percentile,
+    pid_cpu_seconds,
     read_jobs,
     require,
     say,
@@ -445,12 +446,7 @@ def route_of(path_qs: str) -> str:
 
 def redis_cpu(stack: Stack) -> float:
     proc = stack.redis.process if stack.redis is not None else None
-    if proc is None:
-        return 0.0
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+    return pid_cpu_seconds(proc.pid) if proc is not None else 0.0
 
 
 # --- the report --------------------------------------------------------------------------------------

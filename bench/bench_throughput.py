@@ -550,17 +550,22 @@ def _with_children(pid: int) -> list[int]:
     return pids
 
 
+def pid_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds one process has used so far (0 once it is gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def cpu_seconds(stack: Stack, names: Iterable[str]) -> float:
     """user + system CPU seconds the named processes (and their children) have used so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    total = 0.0
     for name in names:
         proc = stack.procs.get(name)
         for pid in _with_children(proc.pid) if proc is not None else []:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-    return total / tick
+            total += pid_cpu_seconds(pid)
+    return total
 
 
 class RssSampler(threading.Thread):

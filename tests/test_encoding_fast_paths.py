@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,22 +140,16 @@ def test_uuid4_text_is_what_the_uuid_module_writes(raw: bytes) -> None:
     assert uuid4_text(raw) == str(uuid.UUID(bytes=raw, version=4))
 
 
-async def test_each_queued_message_has_its_own_task_id_and_delivery_tag(fresh_redis_url: str) -> None:
+async def test_each_queued_message_has_its_own_task_id_and_delivery_tag(r: aioredis.Redis) -> None:
     import uuid
-
-    import redis.asyncio as aioredis
 
     from worker.producer import Producer
 
-    r = aioredis.from_url(fresh_redis_url)
-    try:
-        producer = Producer(r, queue="celery", event_ttl=60)
-        for i in range(50):
-            queued = await producer.enqueue(ClientChange.model_validate(change(f"e{i}", f"c-{i}")), received_at=1.0)
-            assert queued.status == "queued"
-        envelopes = [json.loads(raw) for raw in await r.lrange("celery", 0, -1)]
-    finally:
-        await r.aclose()
+    producer = Producer(r, queue="celery", event_ttl=60)
+    for i in range(50):
+        queued = await producer.enqueue(ClientChange.model_validate(change(f"e{i}", f"c-{i}")), received_at=1.0)
+        assert queued.status == "queued"
+    envelopes = [json.loads(raw) for raw in await r.lrange("celery", 0, -1)]
     ids = [e["headers"]["id"] for e in envelopes]
     tags = [e["properties"]["delivery_tag"] for e in envelopes]
     assert len(set(ids) | set(tags)) == 100

@@ -267,8 +267,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         took = waited.elapsed_ms()
         skipped = outcome.result == "skipped"
         done = Attempt(attempt, started, "skipped" if skipped else "succeeded",
-                       duration_ms=round(took, 1), message=outcome.reason or outcome.result,
-                       provider_ms=round(waited.seconds * 1000, 1))
+                       duration_ms=took, message=outcome.reason or outcome.result,
+                       provider_ms=waited.provider_ms())
         fields = (Ledger.skipped_fields(done, reason=outcome.reason or "skipped", provider_id=outcome.provider_id)
                   if skipped else
                   Ledger.succeeded_fields(done, result=outcome.result, provider_id=outcome.provider_id,
@@ -320,7 +320,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
                            message=mask_emails(str(exc)))
     except AuthError as exc:
         if ctx.circuit is None:
-            return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, None)
+            return await _failed(job_id, change, provider, attempt, started, waited, exc, ctx, bound, None)
         # Wrong credentials fail every job alike: hold them all (no attempt spent) instead of
         # letting each die, until the credentials change or an operator resumes.
         await _record(ctx, provider, token, "auth", fingerprint=credentials_fingerprint(adapter.config))
@@ -329,7 +329,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
                            message=f"{provider} refused the credentials ({exc.status}): {exc}")
     except ClientSyncError as exc:
         circuit = await _record(ctx, provider, token, _circuit_outcome(exc, calls[0]))
-        return await _failed(job_id, change, provider, attempt, started, exc, ctx, bound, circuit)
+        return await _failed(job_id, change, provider, attempt, started, waited, exc, ctx, bound, circuit)
     except Exception as exc:
         # A bug or Redis trouble must not lose the job: retry it, and it ends dead with the
         # message rather than vanishing with an acked Celery message.
@@ -337,7 +337,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         log.debug("internal error traceback", exc_info=True)
         await _record(ctx, provider, token, "neutral")
         internal = InternalError(f"internal error: {exc!r}", provider=provider)
-        return await _failed(job_id, change, provider, attempt, started, internal, ctx, bound, None)
+        return await _failed(job_id, change, provider, attempt, started, waited, internal, ctx, bound, None)
     finally:
         lease_calls.reset(counting)
         provider_time.reset(timing)
@@ -400,15 +400,13 @@ async def _conflict(job_id: str, change: ClientChange, attempt: int, ctx: JobCon
 
 
 async def _failed(job_id: str, change: ClientChange, provider: str, attempt: int, started: float,
-                  exc: ClientSyncError, ctx: JobContext, bound: dict[str, Any],
+                  waited: ProviderTime, exc: ClientSyncError, ctx: JobContext, bound: dict[str, Any],
                   circuit: CircuitState | None) -> Decision:
     policy = ctx.policies[provider]
     status = exc.status if isinstance(exc, ProviderError) else None
     fields = exc.field_errors if isinstance(exc, ProviderError) else {}
     message = str(exc)
-    waited = provider_time.get()  # still the failed run's own (this runs inside its except)
-    took = waited.elapsed_ms() if waited is not None else round((time.time() - started) * 1000, 1)
-    at_provider = round(waited.seconds * 1000, 1) if waited is not None else None
+    took, at_provider = waited.elapsed_ms(), waited.provider_ms()
     if exc.retryable and attempt < policy.max_attempts:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:

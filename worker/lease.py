@@ -61,8 +61,8 @@ def count_call() -> None:
 
 
 class ProviderTime:
-    """The wall time a job spent with at least one provider call (or shared pass) out: calls
-    sent together count once, so it never exceeds the time the job took."""
+    """The time (monotonic) a job's attempt spent with at least one provider call (or shared
+    pass) out: calls sent together count once, so it never exceeds the time the attempt took."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -75,6 +75,10 @@ class ProviderTime:
         """The attempt's time so far, on the clock `seconds` is measured on (a wall-clock step
         cannot make the provider's part exceed it)."""
         return round((time.monotonic() - self.began) * 1000, 1)
+
+    def provider_ms(self) -> float:
+        """The time at the provider so far, in ms as the ledger shows it."""
+        return round(self.seconds * 1000, 1)
 
     def enter(self) -> None:
         if self._out == 0:
