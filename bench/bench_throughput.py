@@ -1111,6 +1111,8 @@ class LatencyRun:
     measured_p50_ms: float = 0.0
     measured_p99_ms: float = 0.0
     measured_p99_by_provider: dict[str, float] = field(default_factory=dict)
+    #: where the measured overhead went, p50 / p99 ms each (`AttemptTimes.parts`)
+    parts: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def latency_phase(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[str], providers: Sequence[str],
@@ -1137,28 +1139,68 @@ def latency_phase(stack: Stack, meter: Meter, r: redis.Redis, workers: Sequence[
     overheads = [lat - latency_ms / 1000 * per_job[p] for lat, p in zip(latencies, rows.providers, strict=True)]
     by_provider = {p: percentile([o for o, q in zip(overheads, rows.providers, strict=True) if q == p], 99) * 1000
                    for p in providers}
-    at_provider = provider_seconds(r, changes, providers)
-    measured = [lat - waited for lat, waited in zip(latencies, at_provider, strict=True)]
+    times = attempt_times(r, changes, providers)
+    measured = [lat - t.provider for lat, t in zip(latencies, times, strict=True)]
     measured_by = {p: percentile([o for o, q in zip(measured, rows.providers, strict=True) if q == p], 99) * 1000
                    for p in providers}
     return LatencyRun(latency_ms, rate, len(latencies), statistics.median(latencies) * 1000,
                       percentile(latencies, 99) * 1000, per_job, by_method,
                       statistics.median(overheads) * 1000, percentile(overheads, 99) * 1000, by_provider,
-                      statistics.median(measured) * 1000, percentile(measured, 99) * 1000, measured_by)
+                      statistics.median(measured) * 1000, percentile(measured, 99) * 1000, measured_by,
+                      AttemptTimes.parts(times, rows))
 
 
-def provider_seconds(r: redis.Redis, changes: Sequence[dict[str, Any]], providers: Sequence[str]) -> list[float]:
-    """Each job's time at its provider, summed over its attempts (`provider_ms`, measured by the
-    worker around each HTTP call and each shared pass it waited for), in `read_jobs`' order."""
+@dataclass(frozen=True)
+class AttemptTimes:
+    """One job's attempts as its ledger recorded them (seconds)."""
+
+    provider: float  # at the provider, summed over the attempts (`provider_ms`)
+    created: float  # unix s: the worker's fan-out opened the job (its ledger `created_at`)
+    first_start: float  # unix s: the first attempt began (after its start script)
+    in_attempts: float  # the attempts' own durations, summed (`duration_ms`)
+    last_end: float  # unix s: the last attempt's `at` + its duration
+
+    @staticmethod
+    def parts(times: Sequence[AttemptTimes], rows: JobRows) -> dict[str, tuple[float, float]]:
+        """The measured overhead split where it is spent, p50 / p99 ms of each part:
+        receipt -> the worker's fan-out (the receiver's push, the queue, the delivery to the
+        worker's loop, the fan-out's script), the fan-out -> the first attempt starting (the start
+        script), inside the attempts but not at the provider (the
+        worker's own work, its Redis trips, rate-limit waits), between attempts (retries),
+        and after the last attempt (its finish script: the final transition is its `updated_at`)."""
+        cols: dict[str, list[float]] = {"receipt -> fan-out": [], "fan-out -> attempt": [],
+                                        "in the attempt, not at the provider": [],
+                                        "between attempts": [], "after the attempt": []}
+        for t, received, updated in zip(times, rows.received, rows.updated, strict=True):
+            span = t.last_end - t.first_start
+            cols["receipt -> fan-out"].append(t.created - received)
+            cols["fan-out -> attempt"].append(t.first_start - t.created)
+            cols["in the attempt, not at the provider"].append(t.in_attempts - t.provider)
+            cols["between attempts"].append(span - t.in_attempts)
+            cols["after the attempt"].append(updated - t.last_end)
+        return {k: (statistics.median(v) * 1000, percentile(v, 99) * 1000) for k, v in cols.items() if v}
+
+
+def attempt_times(r: redis.Redis, changes: Sequence[dict[str, Any]], providers: Sequence[str]) -> list[AttemptTimes]:
+    """Each succeeded job's attempts (`provider_ms`, measured by the worker around each HTTP call
+    and each shared pass it waited for; `at` and `duration_ms`), in `read_jobs`' order."""
     ids = [keys.job_id(p, str(c["event_id"])) for c in changes for p in providers]
-    out: list[float] = []
+    out: list[AttemptTimes] = []
     for i in range(0, len(ids), 2000):
         pipe = r.pipeline(transaction=False)
         for j in ids[i:i + 2000]:
+            pipe.hmget(keys.job(j), "state", "created_at")
             pipe.lrange(keys.job_attempts(j), 0, -1)
-        for history in pipe.execute():
-            attempts = [json.loads(a) for a in history]
-            out.append(sum(float(a.get("provider_ms") or 0) for a in attempts) / 1000)
+        replies = pipe.execute()
+        for (state, created), history in zip(replies[::2], replies[1::2], strict=True):
+            if state != "succeeded":
+                continue
+            attempts = sorted((json.loads(a) for a in history), key=lambda a: float(a["at"]))
+            took = [float(a.get("duration_ms") or 0) / 1000 for a in attempts]
+            out.append(AttemptTimes(
+                provider=sum(float(a.get("provider_ms") or 0) for a in attempts) / 1000, created=int(created) / 1000,
+                first_start=float(attempts[0]["at"]), in_attempts=sum(took),
+                last_end=float(attempts[-1]["at"]) + took[-1]))
     return out
 
 
@@ -1304,6 +1346,8 @@ def report_e2e(args: argparse.Namespace, n: int, noop: BaselineDrain, noop_rss: 
             f"{prov} {v:.0f}" for prov, v in run.latency.overhead_p99_by_provider.items()))
         out.append(f"- {run.latency_ms:g} ms, measured overhead p99 by provider (ms): " + ", ".join(
             f"{prov} {v:.0f}" for prov, v in run.latency.measured_p99_by_provider.items()))
+        out.append(f"- {run.latency_ms:g} ms, measured overhead by part, p50 / p99 ms: " + "; ".join(
+            f"{part} {p50:.0f} / {p99:.0f}" for part, (p50, p99) in run.latency.parts.items()))
         out.append(f"- {run.latency_ms:g} ms, calls by route: " + "; ".join(
             f"{prov}: " + ", ".join(f"{route} x{c / run.latency.jobs * p:.2f}" for route, c in methods.items())
             for prov, methods in run.latency.calls_by_method.items()))

@@ -39,6 +39,8 @@ from celery.exceptions import Reject
 from celery.utils.saferepr import saferepr
 from kombu.serialization import loads, prepare_accept_content
 
+from worker.gcpolicy import gc_info
+
 log = logging.getLogger("clientsync.pool")
 
 _ThreadPool: Any = thread.TaskPool
@@ -163,4 +165,5 @@ class LoopPool(_ThreadPool):  # type: ignore[misc]
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
         info["in-flight"] = self._running
+        info["gc"] = gc_info()
         return info

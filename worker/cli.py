@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker.gcpolicy import settle_startup_heap
 from worker.models import ClientChange, change_json_schema
 from worker.settings import LOOP_POOL, Settings, SettingsError, default_concurrency, read_secret_files
 
@@ -175,7 +176,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _startup_settings()
     _logging(settings.log_level, settings.log_format)
     url = _require_redis(settings)
-    web.run_app(create_app(settings, url), host=args.host or settings.host, port=args.port or settings.port,
+    app = create_app(settings, url)
+
+    async def settle(_app: web.Application) -> None:
+        settle_startup_heap("receiver")
+
+    app.on_startup.append(settle)  # last: after the app's own startup has built its clients
+    web.run_app(app, host=args.host or settings.host, port=args.port or settings.port,
                 access_log=None, print=lambda *_: None)
     return 0
 
@@ -215,6 +222,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         sb = await start_sandbox(host=args.host, port=args.port, names=names)
+        settle_startup_heap("sandbox")
         print(f"sandbox providers on {sb.root}:")
         for name in sb.simulators:
             print(f"  {name:16} {sb.base_url(name)}")
