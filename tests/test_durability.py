@@ -19,6 +19,7 @@ from tests.helpers import change, post_webhook
 from worker.launcher import Stack
 from worker.models import ClientChange
 from worker.producer import DurableWrites, NotDurable, Producer, aof_supported
+from worker.redis_server import EmbeddedRedis
 
 
 @pytest.fixture
@@ -89,12 +90,20 @@ async def test_a_burst_of_first_webhooks_checks_support_once(r: aioredis.Redis,
     assert len(checks) == 1
 
 
-async def test_warming_up_loads_the_script_and_settles_durability(r: aioredis.Redis) -> None:
+async def test_warming_up_loads_the_script_and_settles_durability() -> None:
+    """On a redis-server of its own, which holds no script yet; not after SCRIPT FLUSH on the
+    session's Redis: that is server-wide, and on a shared Redis (CLIENTSYNC_REDIS_URL) it would
+    drop every other test process's scripts."""
     from worker.producer import _CLAIM_AND_PUSH
 
-    await r.script_flush()
-    producer = Producer(r, queue="celery", event_ttl=60, durability=DurableWrites("auto"))
-    await producer.warm()
-    assert await r.script_exists(producer._claim_and_push.sha) == [True]
-    assert producer._claim_and_push.script == _CLAIM_AND_PUSH
-    assert producer.durability._use_waitaof is not None
+    with EmbeddedRedis() as server:
+        r = aioredis.from_url(server.url)
+        try:
+            producer = Producer(r, queue="celery", event_ttl=60, durability=DurableWrites("auto"))
+            assert producer._claim_and_push.script == _CLAIM_AND_PUSH
+            assert await r.script_exists(producer._claim_and_push.sha) == [False]
+            await producer.warm()
+            assert await r.script_exists(producer._claim_and_push.sha) == [True]
+            assert producer.durability._use_waitaof is not None
+        finally:
+            await r.aclose()

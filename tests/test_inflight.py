@@ -158,7 +158,7 @@ async def test_a_dead_owners_running_job_is_requeued_from_its_stored_change(r: a
     await ledger.running(running, owner=DEAD, queue=Q)
     finished = await ledger.enqueued(ClientChange.model_validate(change("e2", "c-2")), "qonto")
     await ledger.running(finished, owner=DEAD, queue=Q)
-    await ledger._move(finished, "succeeded", mode="force")
+    await ledger._move(ledger.transition_call(finished, "succeeded", mode="force"))
     await beat(r, DEAD, age_seconds=60)
     done = await reaper(r).sweep()
     assert (done.owner, done.jobs) == (DEAD, 1)

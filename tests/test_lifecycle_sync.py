@@ -3,13 +3,16 @@
 `apply_change` against every provider's sandbox over loopback HTTP and a real redis-server:
 an update that lands after we gave up, a delete whose answer was lost, a job slower than its
 lease, and events with and without versions. Each ends with the provider holding the newest
-change's data.
+change's data. And a run whose client passed to another worker before its create: it can
+neither record a create intent nor answer one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +22,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import ENDINGS, change
 from worker import keys
-from worker.errors import Busy, LeaseLost, ProviderUnavailable
+from worker.errors import Busy, LeaseLost, ProviderUnavailable, ProviderValidationError
 from worker.models import ClientChange
 from worker.providers import adapter_class
 from worker.providers.base import ProviderAdapter
@@ -188,6 +191,91 @@ async def test_a_job_that_lost_its_lease_makes_no_further_call_and_spends_an_att
         await job
     calls = world.sandbox.simulators[world.name].calls
     assert not [c for c in calls if c.method == "PUT"], "no write after the lease was lost"
+
+
+async def _take_over(world: World, client_id: str, *, token: str) -> None:
+    """Another worker takes `client_id` over, as once the holder's lease ran out (a long pause,
+    Redis out of its reach): it claims a newer change of the client as `current` and records the
+    create it is about to send, its intent named `token`."""
+    store = world.store
+    await store.redis.delete(keys.client_lock(world.name, client_id))  # the holder's lease ran out
+    newer = world.change(client_id, name="Current")
+    idem = keys.idempotency_key(newer.event_id, world.name, newer.action)
+    begin = await store.begin(idem, world.name, client_id, fingerprint=newer.fingerprint(), owner="current")
+    assert begin.status == "go"
+    intent = json.dumps({"event_id": newer.event_id, "at": round(time.time(), 3), "token": token,
+                         "client": newer.client.model_dump_json()})
+    assert await store.mark_intent(idem, world.name, client_id, owner="current", intent=intent)
+
+
+async def _intent_tokens(world: World, client_id: str) -> list[str]:
+    raw = await world.store.redis.hget(keys.client_state(world.name, client_id), "intent")
+    return [i["token"] for i in json.loads(raw)] if raw else []
+
+
+@pytest.mark.parametrize("world", ["request_finance"], indirect=True)
+async def test_a_run_that_lost_the_client_records_no_create_intent_and_sends_no_create(world: World) -> None:
+    """The intent script's lock check (test_store) seen through `apply_change`: the run's lease
+    runs out during its identity lookups and another worker takes the client. The run's owner
+    token holds nothing now, so its create intent is refused: it sends no create, and the new
+    holder's lock and intent stay as the holder left them."""
+    # A lease no renewal comes near during the test: the refusal is the intent's, not the lease guard's.
+    world.store = SyncStore(world.store.redis, idempotency_ttl=3600, lease_seconds=60)
+    taken: list[bool] = []
+
+    async def take_over_at_the_first_lookup(provider: str) -> None:
+        if not taken:
+            await _take_over(world, "c8", token="current")
+            taken.append(True)
+
+    world.adapter.before_call = take_over_at_the_first_lookup
+    with pytest.raises(LeaseLost, match="before creating it"):
+        await world.apply(world.change("c8", name="Stale"), owner="stale")
+    assert taken, "the run looked the client up before creating it"
+    sim = world.sandbox.simulators[world.name]
+    assert [c.method for c in sim.calls if c.method != "GET"] == [], "no create was sent"
+    assert await world.store.redis.get(keys.client_lock(world.name, "c8")) == b"current"
+    assert await _intent_tokens(world, "c8") == ["current"]
+
+
+@pytest.mark.parametrize("world", ["request_finance"], indirect=True)
+async def test_a_run_that_lost_the_client_cannot_answer_an_intent_with_its_refused_create(world: World) -> None:
+    """A create the provider clearly refused answers its own intent, by its token (the abort
+    script: test_store), and only while its run holds the client; here through `apply_change`.
+    The holder's refused create answers its intent (c9). For c10 the lease runs out between the
+    run's intent and its POST, another worker takes the client and records its own create, then
+    the provider refuses the stale POST (422): the stale run's abort names its intent token under
+    an owner token that holds nothing, so every intent stays (its own too: the client's state is
+    the holder's now), and so does the holder's lock."""
+    world.store = SyncStore(world.store.redis, idempotency_ttl=3600, lease_seconds=60)
+    sim = world.sandbox.simulators[world.name]
+    recorded: dict[str, list[str]] = {}
+
+    def refuse_the_create(client_id: str, *, take_over: bool) -> Callable[[str], Awaitable[None]]:
+        async def before_call(provider: str) -> None:
+            # The first call after the run's intent is its create's POST (Request Finance's
+            # create is that one call): the provider will refuse it.
+            if client_id in recorded or not await _intent_tokens(world, client_id):
+                return
+            recorded[client_id] = await _intent_tokens(world, client_id)
+            if take_over:
+                await _take_over(world, client_id, token="current")
+            sim.faults.fail_next, sim.faults.error_status = 1, 422
+
+        return before_call
+
+    world.adapter.before_call = refuse_the_create("c9", take_over=False)
+    with pytest.raises(ProviderValidationError):
+        await world.apply(world.change("c9", name="Holder"), owner="holder")
+    assert len(recorded["c9"]) == 1 and await _intent_tokens(world, "c9") == [], "the holder's refusal answers it"
+
+    world.adapter.before_call = refuse_the_create("c10", take_over=True)
+    with pytest.raises(ProviderValidationError):
+        await world.apply(world.change("c10", name="Stale"), owner="stale")
+    (stale_token,) = recorded["c10"]
+    assert [(c.method, c.status) for c in sim.calls if c.method != "GET"] == [("POST", 422)] * 2
+    assert await _intent_tokens(world, "c10") == [stale_token, "current"]
+    assert await world.store.redis.get(keys.client_lock(world.name, "c10")) == b"current"
 
 
 @pytest.mark.parametrize("world", ["invoice_ninja"], indirect=True)

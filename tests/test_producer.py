@@ -17,6 +17,7 @@ from tests.helpers import change
 from worker import keys
 from worker.models import ClientChange
 from worker.producer import Producer
+from worker.redis_server import EmbeddedRedis
 
 
 @pytest.fixture
@@ -81,14 +82,21 @@ async def test_one_change_failing_in_redis_fails_alone(r: aioredis.Redis) -> Non
     assert sorted(await _queued_event_ids(r)) == ["a", "b"]
 
 
-async def test_changes_are_queued_after_redis_lost_its_scripts(r: aioredis.Redis) -> None:
-    producer = Producer(r, queue="celery", event_ttl=60)
-    await producer.warm()
-    await r.script_flush()
-    changes = [_change(f"e{i}", f"c-{i}") for i in range(20)]
-    results = await asyncio.gather(*(producer.enqueue(c, received_at=time.time()) for c in changes))
-    assert {res.status for res in results} == {"queued"}
-    assert len(await _queued_event_ids(r)) == 20
+async def test_changes_are_queued_after_redis_lost_its_scripts() -> None:
+    """On a redis-server of its own: SCRIPT FLUSH is server-wide, and on a shared Redis
+    (CLIENTSYNC_REDIS_URL) it would drop every other test process's scripts too."""
+    with EmbeddedRedis() as server:
+        r = aioredis.from_url(server.url)
+        try:
+            producer = Producer(r, queue="celery", event_ttl=60)
+            await producer.warm()
+            await r.script_flush()
+            changes = [_change(f"e{i}", f"c-{i}") for i in range(20)]
+            results = await asyncio.gather(*(producer.enqueue(c, received_at=time.time()) for c in changes))
+            assert {res.status for res in results} == {"queued"}
+            assert len(await _queued_event_ids(r)) == 20
+        finally:
+            await r.aclose()
 
 
 async def test_every_change_of_a_batch_fails_when_redis_is_unreachable() -> None:

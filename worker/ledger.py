@@ -404,16 +404,9 @@ class Ledger:
                 [job_id, state, now_ms(), mode, json.dumps(fields or {}),
                  attempt.to_json() if attempt else "", "1" if attempt else "0", self.max_jobs])
 
-    async def _move(
-        self,
-        job_id: str,
-        state: State,
-        *,
-        mode: str = "live",
-        fields: dict[str, Any] | None = None,
-        attempt: Attempt | None = None,
-    ) -> str:
-        script_keys, args = self.transition_call(job_id, state, mode=mode, fields=fields, attempt=attempt)
+    async def _move(self, call: tuple[list[str], list[Any]]) -> str:
+        """Run one transition (`transition_call`'s keys and arguments); returns the previous state."""
+        script_keys, args = call
         return _text(await self._transition(keys=script_keys, args=args))
 
     # --- writes ----------------------------------------------------------------------------
@@ -460,13 +453,13 @@ class Ledger:
 
         `owner` (the process's id in `keys.OWNERS`) and `queue` let a reaper re-enqueue the job
         if that process dies while running it (`worker.inflight`)."""
-        return await self._move(job_id, "running", fields=self.running_fields(owner, queue))
+        return await self._move(self.transition_call(job_id, "running", fields=self.running_fields(owner, queue)))
 
     async def retrying(self, job_id: str, attempt: Attempt) -> None:
-        await self._move(job_id, "retrying", attempt=attempt, fields={
+        await self._move(self.transition_call(job_id, "retrying", attempt=attempt, fields={
             "next_attempt_at": attempt.next_attempt_at, "last_error": attempt.message or "",
             "last_error_class": attempt.error_class or "",
-        })
+        }))
 
     @staticmethod
     def succeeded_fields(attempt: Attempt, *, result: str, provider_id: str | None,
@@ -488,25 +481,25 @@ class Ledger:
     async def succeeded(self, job_id: str, attempt: Attempt, *, result: str, provider_id: str | None,
                         unsupported: Sequence[str] = ()) -> None:
         """`unsupported`: canonical fields the provider could not take (shown on the job)."""
-        await self._move(job_id, "succeeded", mode="force", attempt=attempt, fields=self.succeeded_fields(
-            attempt, result=result, provider_id=provider_id, unsupported=unsupported))
+        fields = self.succeeded_fields(attempt, result=result, provider_id=provider_id, unsupported=unsupported)
+        await self._move(self.transition_call(job_id, "succeeded", mode="force", attempt=attempt, fields=fields))
 
     async def skipped(self, job_id: str, attempt: Attempt, *, reason: str, provider_id: str | None) -> None:
-        await self._move(job_id, "skipped", mode="force", attempt=attempt,
-                         fields=self.skipped_fields(attempt, reason=reason, provider_id=provider_id))
+        fields = self.skipped_fields(attempt, reason=reason, provider_id=provider_id)
+        await self._move(self.transition_call(job_id, "skipped", mode="force", attempt=attempt, fields=fields))
 
     async def dead(self, job_id: str, attempt: Attempt) -> None:
-        await self._move(job_id, "dead", mode="force", attempt=attempt, fields={
+        await self._move(self.transition_call(job_id, "dead", mode="force", attempt=attempt, fields={
             "next_attempt_at": None, "last_error": attempt.message or "",
             "last_error_class": attempt.error_class or "", "finished_at": attempt.at,
-        })
+        }))
 
     async def needs_attention(self, job_id: str, attempt: Attempt, *, candidates: list[dict[str, Any]]) -> None:
         """Several provider records could be this client: the job waits for an operator's choice."""
-        await self._move(job_id, "needs_attention", mode="force", attempt=attempt, fields={
+        await self._move(self.transition_call(job_id, "needs_attention", mode="force", attempt=attempt, fields={
             "next_attempt_at": None, "last_error": attempt.message or "",
             "last_error_class": attempt.error_class or "", "candidates": json.dumps(candidates),
-        })
+        }))
 
     async def dead_letter(self, job_id: str, *, raw: str, attempt: Attempt, reason: str | None = None,
                           stage: str = "task", task_id: str | None = None) -> None:
@@ -533,8 +526,9 @@ class Ledger:
 
     async def requeued(self, job_id: str, *, note: str) -> None:
         """An operator replayed the job (record only; `replay` also enqueues, atomically)."""
-        await self._move(job_id, "queued", mode="force", fields={"replayed_at": time.time(), "note": note,
-                                                                  "next_attempt_at": None})
+        await self._move(self.transition_call(job_id, "queued", mode="force", fields={
+            "replayed_at": time.time(), "note": note, "next_attempt_at": None,
+        }))
 
     async def replay(self, queue: str, messages: Sequence[tuple[str, str]], *, allowed: Iterable[str],
                      note: str = "replayed") -> list[str]:
@@ -643,6 +637,6 @@ class Ledger:
     async def waiting(self, job_id: str, *, next_attempt_at: float, reason: str, message: str) -> None:
         """The job is parked without spending an attempt (circuit open, rate limit): `retrying`,
         with its next attempt time and why, and no entry in its attempt history."""
-        await self._move(job_id, "retrying", fields={
+        await self._move(self.transition_call(job_id, "retrying", fields={
             "next_attempt_at": next_attempt_at, "last_error": message, "last_error_class": reason,
-        })
+        }))

@@ -178,12 +178,23 @@ async def authenticate(request: web.Request) -> str:
     raise AuthFailure(401, "missing credentials: send Authorization: Bearer <CLIENTSYNC_MONITOR_TOKEN>")
 
 
-def redis_down(handler: Handler) -> Handler:
-    """Redis unreachable: a 503 the caller can retry, not a 500."""
+def answers(handler: Handler) -> Handler:
+    """Every refusal of the monitor as the API documents it, in one place, so the handlers only
+    raise: a bad parameter 400 (naming the field and the rule), an unknown job or client 404, an
+    action the job's state does not allow 409, and Redis unreachable a 503 the caller can retry,
+    not a 500. The ids in the answer come from the exception: the ones the handler asked about."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except InvalidParam as exc:
+            return json_error(400, f"invalid parameter {exc.field}: {exc.rule}", field=exc.field, rule=exc.rule)
+        except JobNotFound as exc:
+            return json_error(404, str(exc), id=exc.job_id)
+        except ClientNotFound as exc:
+            return json_error(404, str(exc), client_id=exc.client_id)
+        except NotAllowed as exc:
+            return json_error(409, str(exc), id=exc.job_id, state=exc.state)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("monitor: redis unavailable on %s: %s", request.path, type(exc).__name__)
             return json_error(503, "the ledger (Redis) is unreachable; retry later", headers={"Retry-After": "5"})
@@ -194,7 +205,7 @@ def redis_down(handler: Handler) -> Handler:
 
 
 def protected(handler: Handler) -> Handler:
-    @redis_down
+    @answers
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             await authenticate(request)
@@ -217,10 +228,6 @@ def _monitor(request: web.Request) -> Monitor:
 
 def _ok(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, headers=NO_STORE)
-
-
-def _bad(exc: InvalidParam) -> web.Response:
-    return json_error(400, f"invalid parameter {exc.field}: {exc.rule}", field=exc.field, rule=exc.rule)
 
 
 def _check_known(params: Any, allowed: set[str], where: str) -> None:
@@ -264,50 +271,35 @@ async def summary(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     """`GET /monitor/jobs`: filter and page through jobs, newest update first."""
     q = request.query
-    try:
-        _check_known(q.keys(), {*JobFilter.FIELDS, "limit", "cursor"}, "query parameter")
-        f = JobFilter.parse(q)
-        limit = parse_limit(q.get("limit"), default=50, maximum=MAX_LIMIT)
-        page = await _monitor(request).list_jobs(f, limit=limit, cursor=q.get("cursor") or None)
-    except InvalidParam as exc:
-        return _bad(exc)
+    _check_known(q.keys(), {*JobFilter.FIELDS, "limit", "cursor"}, "query parameter")
+    f = JobFilter.parse(q)
+    limit = parse_limit(q.get("limit"), default=50, maximum=MAX_LIMIT)
+    page = await _monitor(request).list_jobs(f, limit=limit, cursor=q.get("cursor") or None)
     return _ok({"jobs": page.jobs, "next_cursor": page.next_cursor, "limit": limit})
 
 
 @protected
 async def get_job(request: web.Request) -> web.Response:
     """`GET /monitor/jobs/{id}`: one job with its attempt history."""
-    job_id = request.match_info["id"]
-    try:
-        return _ok(await _monitor(request).job(job_id))
-    except JobNotFound as exc:
-        return json_error(404, str(exc), id=job_id)
+    return _ok(await _monitor(request).job(request.match_info["id"]))
 
 
 @protected
 async def dead_groups(request: web.Request) -> web.Response:
     """`GET /monitor/dead-groups`: dead jobs (of a provider, of a client) by error class and provider, exact counts."""
-    try:
-        _check_known(request.query.keys(), {"provider", "client_id"}, "query parameter")
-        f = JobFilter.parse(request.query, allowed=("provider", "client_id"))
-    except InvalidParam as exc:
-        return _bad(exc)
+    _check_known(request.query.keys(), {"provider", "client_id"}, "query parameter")
+    f = JobFilter.parse(request.query, allowed=("provider", "client_id"))
     return _ok(await _monitor(request).dead_groups(provider=f.provider, client_id=f.client_id))
 
 
 @protected
 async def get_client(request: web.Request) -> web.Response:
     """`GET /monitor/clients/{client_id}`: the client's record at each provider and its jobs."""
-    client_id = request.match_info["client_id"]
     q = request.query
-    try:
-        _check_known(q.keys(), {"limit", "cursor"}, "query parameter")
-        limit = parse_limit(q.get("limit"), default=100, maximum=MAX_LIMIT)
-        return _ok(await _monitor(request).client(client_id, limit=limit, cursor=q.get("cursor") or None))
-    except InvalidParam as exc:
-        return _bad(exc)
-    except ClientNotFound as exc:
-        return json_error(404, str(exc), client_id=client_id)
+    _check_known(q.keys(), {"limit", "cursor"}, "query parameter")
+    limit = parse_limit(q.get("limit"), default=100, maximum=MAX_LIMIT)
+    return _ok(await _monitor(request).client(request.match_info["client_id"], limit=limit,
+                                              cursor=q.get("cursor") or None))
 
 
 @protected
@@ -327,21 +319,14 @@ async def resolve_job(request: web.Request) -> web.Response:
     """`POST /monitor/jobs/{id}/resolve` `{"action": "adopt", "provider_id": "..."}` or `{"action": "create"}`:
     answer a needs_attention job (idempotent); 202, the job is queued again."""
     job_id = request.match_info["id"]
-    try:
-        body = await _json_body(request, required=True)
-        _check_known(body, {"action", "provider_id"}, "field")
-        action, provider_id = body.get("action"), body.get("provider_id")
-        if not isinstance(action, str):
-            raise InvalidParam("action", "must be 'adopt' or 'create'")
-        if provider_id is not None and not isinstance(provider_id, str):
-            raise InvalidParam("provider_id", "must be a string")
-        result = await _monitor(request).resolve(job_id, action, provider_id)
-    except InvalidParam as exc:
-        return _bad(exc)
-    except JobNotFound as exc:
-        return json_error(404, str(exc), id=job_id)
-    except NotAllowed as exc:
-        return json_error(409, str(exc), id=job_id, state=exc.state)
+    body = await _json_body(request, required=True)
+    _check_known(body, {"action", "provider_id"}, "field")
+    action, provider_id = body.get("action"), body.get("provider_id")
+    if not isinstance(action, str):
+        raise InvalidParam("action", "must be 'adopt' or 'create'")
+    if provider_id is not None and not isinstance(provider_id, str):
+        raise InvalidParam("provider_id", "must be a string")
+    result = await _monitor(request).resolve(job_id, action, provider_id)
     log.info("operator resolved job %s: %s", job_id, result.get("resolution"))
     return _ok(result, status=200 if result.get("already") else 202)
 
@@ -350,16 +335,9 @@ async def _job_action(request: web.Request, action: str, *, status: int) -> web.
     job_id = request.match_info["id"]
     monitor = _monitor(request)
     act = monitor.replay if action == "replay" else monitor.discard
-    try:
-        body = await _json_body(request, required=False)
-        _check_known(body, {"note"}, "field")
-        result = await act(job_id, note=_note(body, f"{action}ed by operator"))
-    except InvalidParam as exc:
-        return _bad(exc)
-    except JobNotFound as exc:
-        return json_error(404, str(exc), id=job_id)
-    except NotAllowed as exc:
-        return json_error(409, str(exc), id=job_id, state=exc.state)
+    body = await _json_body(request, required=False)
+    _check_known(body, {"note"}, "field")
+    result = await act(job_id, note=_note(body, f"{action}ed by operator"))
     log.info("operator %sed job %s", action, job_id)
     return _ok(result, status=status)
 
@@ -370,18 +348,15 @@ _BULK_FILTER = ("provider", "error_class", "client_id", "since", "until")
 @protected
 async def replay_bulk(request: web.Request) -> web.Response:
     """`POST /monitor/replay`: replay every dead job matching a filter."""
-    try:
-        body = await _json_body(request, required=True)
-        _check_known(body, {*_BULK_FILTER, "limit", "dry_run", "note"}, "field")
-        f = JobFilter.parse(body, allowed=_BULK_FILTER)
-        limit = parse_limit(body.get("limit"), default=1000, maximum=MAX_BULK)
-        dry_run = body.get("dry_run", False)
-        if not isinstance(dry_run, bool):
-            raise InvalidParam("dry_run", "must be true or false")
-        result = await _monitor(request).replay_matching(f, limit=limit, dry_run=dry_run,
-                                                         note=_note(body, "bulk replay by operator"))
-    except InvalidParam as exc:
-        return _bad(exc)
+    body = await _json_body(request, required=True)
+    _check_known(body, {*_BULK_FILTER, "limit", "dry_run", "note"}, "field")
+    f = JobFilter.parse(body, allowed=_BULK_FILTER)
+    limit = parse_limit(body.get("limit"), default=1000, maximum=MAX_BULK)
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidParam("dry_run", "must be true or false")
+    result = await _monitor(request).replay_matching(f, limit=limit, dry_run=dry_run,
+                                                     note=_note(body, "bulk replay by operator"))
     if not dry_run:
         log.info("operator bulk-replayed %d dead jobs", result["replayed"])
     return _ok(result, status=200 if dry_run else 202)
@@ -391,25 +366,19 @@ async def replay_bulk(request: web.Request) -> web.Response:
 async def provider_action(request: web.Request) -> web.Response:
     """`POST /monitor/providers/{provider}/{action}`: pause, resume or probe now; recorded."""
     provider, action = request.match_info["provider"], request.match_info["action"]
-    try:
-        body = await _json_body(request, required=False)
-        _check_known(body, {"note"}, "field")
-        # the dashboard says so in a header; anything else with the token is the API
-        actor = "dashboard" if request.headers.get(CSRF_HEADER) else "api"
-        result = await _monitor(request).provider_action(provider, action, actor=actor, note=_note(body, ""))
-    except InvalidParam as exc:
-        return _bad(exc)
+    body = await _json_body(request, required=False)
+    _check_known(body, {"note"}, "field")
+    # the dashboard says so in a header; anything else with the token is the API
+    actor = "dashboard" if request.headers.get(CSRF_HEADER) else "api"
+    result = await _monitor(request).provider_action(provider, action, actor=actor, note=_note(body, ""))
     return _ok(result)
 
 
 @protected
 async def audit(request: web.Request) -> web.Response:
     """`GET /monitor/audit`: operator actions and automatic pauses, newest first."""
-    try:
-        _check_known(request.query.keys(), {"limit"}, "query parameter")
-        limit = parse_limit(request.query.get("limit"), default=100, maximum=1000)
-    except InvalidParam as exc:
-        return _bad(exc)
+    _check_known(request.query.keys(), {"limit"}, "query parameter")
+    limit = parse_limit(request.query.get("limit"), default=100, maximum=1000)
     return _ok({"entries": await _monitor(request).audit(limit=limit)})
 
 
@@ -418,7 +387,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
 
 
-@redis_down
+@answers
 async def metrics(request: web.Request) -> web.StreamResponse:
     """`GET /metrics`: Prometheus text format; no token, no emails, no secrets."""
     snapshot = await _monitor(request).snapshot()
