@@ -440,6 +440,17 @@ class Ledger:
             await self._maybe_trim()
         return job_ids
 
+    def open_call(self, change: ClientChange, provider: str, *,
+                  received_at: float | None) -> tuple[list[str], list[Any]]:
+        """`enqueued_many`'s first sight of one job (`queued`, only if absent) as a transition's keys
+        and arguments: the first piece of a first attempt's start script (`worker.steps`)."""
+        return self.transition_call(keys.job_id(provider, change.event_id), "queued", mode="create",
+                                    fields=self._queued_fields(change, provider, received_at))
+
+    async def opened(self) -> None:
+        """A job was opened by a start script (`open_call`): the retention cadence counts it."""
+        await self._maybe_trim()
+
     @staticmethod
     def running_fields(owner: str | None, queue: str | None) -> dict[str, Any]:
         """The fields a `running` transition sets (see `running`)."""

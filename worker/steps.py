@@ -6,7 +6,10 @@ exactly-once state (`worker.store`). Called one by one they cost a round trip ea
 run as two scripts composed from those same scripts (`worker.lua.as_function`), so each rule
 keeps one source of truth, and the order between them is the order below:
 
-- **start** = 429 block → circuit allow → ledger `running` → store `begin` (claim + client lock).
+- **start** = (a first attempt: ledger `queued`, if the job is new) → 429 block → circuit allow
+  → ledger `running` → store `begin` (claim + client lock).
+  The first attempts of a change open their jobs here rather than in a round trip of their own
+  before them (`worker.jobs.run_first_attempts`); a job already open is left as it is.
   A block longer than the limiter's `max_wait` stops it first (the job is parked as
   `rate_limited`: never shown running, no probe taken); a circuit that refuses stops it next
   (a job that waits on the circuit never shows as running); a ledger that shows the job
@@ -43,11 +46,13 @@ _FINAL_LUA = "local FINAL_STATES = {" + ", ".join(f"{s}=true" for s in sorted(FI
 
 # KEYS: [1] rate bucket, [2] circuit, [3-5] the ledger's job keys, [6-8] the store's keys
 # ARGV: [1] '1' to check the 429 block, [2] its max wait (ms), [3] BLOCKED_FOR_LUA's argument,
-#       [4] '1' to ask the circuit, [5-8] ALLOW_LUA's, [9-16] TRANSITION_LUA's (running), [17-21] BEGIN_LUA's
+#       [4] '1' to ask the circuit, [5-8] ALLOW_LUA's, [9-16] TRANSITION_LUA's (running), [17-21] BEGIN_LUA's,
+#       [22] '1' to open the job first, [23-30] TRANSITION_LUA's (queued, mode 'create': same job keys)
 # -> {'blocked' | 'refused' | 'finished' | 'started', verdict, verdict wait (ms), block left (ms),
 #     previous ledger state, then BEGIN_LUA's reply when started}
 START_LUA = (SLICE_LUA + _FINAL_LUA + as_function("blocked_for", BLOCKED_FOR_LUA) + as_function("allow", ALLOW_LUA)
              + as_function("running", TRANSITION_LUA) + as_function("begin", BEGIN_LUA) + """
+if ARGV[22] == '1' then running(slice(KEYS, 3, 3), slice(ARGV, 23, 8)) end
 local left = 0
 if ARGV[1] == '1' then
   left = blocked_for(slice(KEYS, 1, 1), slice(ARGV, 3, 1))
@@ -126,18 +131,22 @@ class JobSteps:
         self._finish = redis.register_script(FINISH_JOB_LUA)
 
     async def start(self, *, block: Call | None, max_wait: float, allow: Call | None, running: Call,
-                    begin: Call) -> Start:
-        """One round trip: `block` (`RateLimiter.blocked_for_call`, None = no limiter), `allow`
+                    begin: Call, open_job: Call | None = None) -> Start:
+        """One round trip: `open_job` (`Ledger.open_call`, None = the job is already open), then
+        `block` (`RateLimiter.blocked_for_call`, None = no limiter), `allow`
         (`CircuitBreaker.allow_call`, None = no circuit), `running` (`Ledger.transition_call`) and
-        `begin` (`SyncStore.begin_call`), in that order, each only if the one before let the job go."""
+        `begin` (`SyncStore.begin_call`), in that order, each only if the one before let the job go
+        (the job is opened whatever comes after)."""
         block_keys, block_args = _pad(block, 1, 1)
         allow_keys, allow_args = _pad(allow, 1, 4)
         running_keys, running_args = _pad(running, 3, 8)
         begin_keys, begin_args = _pad(begin, 3, 5)
+        open_keys, open_args = _pad(open_job, 3, 8)
+        assert open_job is None or open_keys == running_keys, "a job is opened on the keys it runs on"
         raw = await self._start(
             keys=[*block_keys, *allow_keys, *running_keys, *begin_keys],
             args=["1" if block else "0", int(max_wait * 1000), *block_args, "1" if allow else "0", *allow_args,
-                  *running_args, *begin_args],
+                  *running_args, *begin_args, "1" if open_job else "0", *open_args],
         )
         status = _text(raw[0])
         assert status in ("blocked", "refused", "finished", "started")
