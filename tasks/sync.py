@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from tasks.app import app
 from tasks.runtime import Runtime, get_runtime
+from worker import keys
 from worker.jobs import Decision, fan_out, run_first_attempts, run_job
 from worker.models import ClientChange
-from worker.parking import APPLY_TASK
+from worker.parking import APPLY_TASK, marked_headers, task_key
 
 log = logging.getLogger("clientsync.tasks")
 
@@ -53,7 +54,7 @@ async def sync_client_body(rt: Runtime, task_id: str, *args: Any, **kwargs: Any)
             return {"intake": "dead"}
         decisions = await run_first_attempts(change, providers, rt.context, received_at=received_at)
     for provider, decision in decisions.items():
-        await _fallback_retry(change.model_dump(mode="json"), provider, decision)
+        await _fallback_retry(rt, change.model_dump(mode="json"), provider, decision)
     # Providers the change names that are not enabled here were dead-lettered by fan_out.
     states = {p: "dead" for p in change.providers or () if p not in decisions}
     return states | {p: d.state for p, d in decisions.items()}
@@ -70,7 +71,7 @@ async def apply_change_body(rt: Runtime, task_id: str, change: dict[str, Any], p
         return "dead"
     async with _requeue_on_infrastructure_error("apply_change"):
         decision = await run_job(parsed, provider, attempt, rt.context, task_id=task_id)
-    await _fallback_retry(change, provider, decision)
+    await _fallback_retry(rt, change, provider, decision)
     return decision.state
 
 
@@ -111,14 +112,24 @@ async def _requeue_on_infrastructure_error(what: str) -> AsyncIterator[None]:
         raise Reject(repr(exc), requeue=True) from exc
 
 
-async def _fallback_retry(change: dict[str, Any], provider: str, decision: Decision) -> None:
-    """Only when parking in Redis failed: a short Celery countdown beats losing the job."""
+async def _fallback_retry(rt: Runtime, change: dict[str, Any], provider: str, decision: Decision, *,
+                          publish: Callable[..., Any] | None = None) -> None:
+    """Only when parking in Redis failed: a short Celery countdown beats losing the job.
+
+    The countdown message carries the same authenticity mark as a parked retry
+    (`worker.parking.marked_headers`): without it the intake gate dead-letters it as forged and
+    the job is stranded, `retrying` with no message left to run it (a chaos run with a Redis
+    kill showed it: parking failed while Redis restarted, the publish a moment later did not).
+    """
     if decision.retry_in is None:
         return
+    attempt = decision.attempt or 1
     try:
+        headers = marked_headers(await task_key(rt.context.store.redis), keys.job_id(provider, change["event_id"]),
+                                 change, provider, attempt)
         # kombu's publish blocks: off the loop.
-        await asyncio.to_thread(apply_change_task.apply_async, args=(change, provider),
-                                kwargs={"attempt": decision.attempt or 1}, countdown=decision.retry_in)
+        await asyncio.to_thread(publish or apply_change_task.apply_async, args=(change, provider),
+                                kwargs={"attempt": attempt}, countdown=decision.retry_in, headers=headers)
     except Exception as exc:
         # Redis is away: requeue this message (or, if even that fails, it stays unacked and
         # the broker redelivers it after the visibility timeout). Finished jobs skip on rerun.

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -181,6 +183,40 @@ async def test_without_parking_a_retry_falls_back_to_a_short_countdown(ctx: JobC
     sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 30
     decision = await run_job(await start(ctx), IN, 1, ctx)
     assert decision.retry_in == 0.25 and decision.attempt == 2
+
+
+async def test_the_fallback_countdown_carries_the_mark_so_the_intake_gate_runs_it(
+    ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis, fresh_redis_url: str
+) -> None:
+    """Parking failed (Redis away a moment), then the Celery countdown was published: the message
+    must pass the intake gate like a parked retry. Unmarked, the gate dead-letters it as forged and
+    the job is stranded `retrying` with nothing left to run it (seen in a chaos run)."""
+    from tasks.app import app
+    from tasks.intake import Gate
+    from tasks.sync import _fallback_retry, apply_change_task
+
+    ctx.parking, ctx.countdown_max = None, 0.25
+    sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 30
+    c = await start(ctx)
+    decision = await run_job(c, IN, 1, ctx)
+    assert decision.retry_in == 0.25 and decision.attempt == 2
+    queue = f"fallback-{time.time_ns()}"
+    gate = Gate(fresh_redis_url, max_jobs=1000)
+    with app.connection_for_write(fresh_redis_url) as conn:
+        publish = functools.partial(apply_change_task.apply_async, connection=conn, queue=queue)
+        await _fallback_retry(SimpleNamespace(context=ctx), c.model_dump(mode="json"), IN, decision,  # type: ignore[arg-type]
+                              publish=publish)
+        marked = await redis.rpop(queue)
+        assert marked is not None
+        admitted = gate.admit(marked, queue)
+        assert admitted is not None, await redis.hgetall(keys.DEAD_LETTERS)
+        assert admitted["headers"]["task"] == "clientsync.apply_change" and admitted["headers"]["eta"]
+        assert admitted["headers"]["clientsync_job"] == keys.job_id(IN, c.event_id)
+        # The same publish without the mark (what the fallback sent before): refused as forged.
+        publish(args=(c.model_dump(mode="json"), IN), kwargs={"attempt": 2}, countdown=0.25)
+        unmarked = await redis.rpop(queue)
+        assert unmarked is not None and gate.admit(unmarked, queue) is None
+    assert await redis.hget(keys.DEAD_LETTERS, "forged") == "1"
 
 
 async def test_a_replayed_job_meeting_an_open_circuit_parks_with_its_attempt_one(

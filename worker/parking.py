@@ -109,14 +109,19 @@ async def task_key(redis: aioredis.Redis) -> bytes:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+def marked_headers(key: bytes, job_id: str, change: dict[str, Any], provider: str, attempt: int) -> dict[str, str]:
+    """The two headers that make a `clientsync.apply_change` message one of clientsync's own
+    (the intake gate, `tasks.intake`, dead-letters one without them as forged)."""
+    return {"clientsync_job": job_id, "clientsync_mark": mark(key, job_id, change, provider, attempt)}
+
+
 def apply_message(job_id: str, change: dict[str, Any], provider: str, attempt: int, *, queue: str,
                   key: bytes) -> str:
     """The Celery message that runs `attempt` of one (event, provider) job, marked with `key`."""
     task_id = str(uuid.uuid4())
     message = json.loads(task_message(APPLY_TASK, [change, provider], {"attempt": attempt}, queue=queue,
                                       task_id=task_id))
-    message["headers"]["clientsync_job"] = job_id
-    message["headers"]["clientsync_mark"] = mark(key, job_id, change, provider, attempt)
+    message["headers"].update(marked_headers(key, job_id, change, provider, attempt))
     message["headers"]["retries"] = max(0, attempt - 1)  # what Flower shows as retries
     message["headers"]["kwargsrepr"] = json.dumps({"attempt": attempt})
     return json.dumps(message)
