@@ -15,6 +15,7 @@ reaper moves what foreign producers put there onto the queue.
 from __future__ import annotations
 
 import logging
+import threading
 from time import monotonic
 from typing import Any
 
@@ -35,6 +36,15 @@ log = logging.getLogger("clientsync.transport")
 _RedisQoS: Any = kombu_redis.QoS
 _RedisChannel: Any = kombu_redis.Channel
 _RedisTransport: Any = kombu_redis.Transport
+
+
+#: deliveries this process recorded as its own (unacked, held) but never handed to Celery, because
+#: Redis failed between the two (the intake gate's own Redis calls): delivery tag -> (queue,
+#: 'restore' | 'forget'). No reaper takes them back (the process is alive) and no channel holds
+#: them in memory, so the next poll of any of this process's channels does: a message Celery never
+#: saw goes back to its queue; one the gate refused (already dead-lettered) is dropped.
+_undelivered: dict[str, tuple[str, str]] = {}
+_undelivered_lock = threading.Lock()
 
 
 class QoS(_RedisQoS):  # type: ignore[misc]
@@ -117,6 +127,8 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             return
         if self._inbox_dirty:
             self._flush_inboxes()
+        if _undelivered:
+            self._settle_undelivered()
         queue = queues[0]
         self._blmove_queue = queue
         self._in_poll = self.client.connection
@@ -168,10 +180,19 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         raw, tracked = out
         raw = raw if isinstance(raw, bytes) else str(raw).encode()
         if self.gate is not None:
-            payload = self.gate.admit(raw, queue)
+            try:
+                payload = self.gate.admit(raw, queue)
+            except self.connection_errors:
+                if int(tracked):  # recorded as ours, but Celery will never see it: give it back later
+                    self._note_undelivered(raw, queue, "restore")
+                raise
             if payload is None:
                 if int(tracked):  # refused after being recorded: forget the unacked record
-                    self._forget(raw)
+                    try:
+                        self._forget(raw)
+                    except self.connection_errors:
+                        self._note_undelivered(raw, queue, "forget")
+                        raise
                 return None
         else:
             payload = loads(bytes_to_str(raw))
@@ -179,12 +200,45 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self.tracked[payload["properties"]["delivery_tag"]] = queue
         return payload, raw
 
-    def _forget(self, raw: bytes) -> None:
+    @staticmethod
+    def _tag_of(raw: bytes) -> Any:
         try:
-            tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
+            return loads(bytes_to_str(raw))["properties"]["delivery_tag"]
         except Exception:  # recorded means it had a readable tag; be safe anyway
-            return
-        self.qos.ack(tag)
+            return None
+
+    def _forget(self, raw: bytes) -> None:
+        tag = self._tag_of(raw)
+        if tag is not None:
+            self.qos.ack(tag)
+
+    def _note_undelivered(self, raw: bytes, queue: str, action: str) -> None:
+        tag = self._tag_of(raw)
+        if tag is not None:
+            with _undelivered_lock:
+                _undelivered[tag] = (queue, action)
+            log.warning("Redis failed while taking delivery %s from %s; it will be %s on the next poll", tag, queue,
+                        "put back" if action == "restore" else "dropped (it was refused)")
+
+    def _settle_undelivered(self) -> None:
+        """Give back (or drop, if refused) the deliveries recorded as ours that Celery never saw
+        (`_undelivered`). A Redis error leaves the rest for the next poll."""
+        with _undelivered_lock:
+            pending = list(_undelivered.items())
+        for tag, (queue, action) in pending:
+            self.tracked[tag] = queue  # so the holder records go with kombu's entry
+            try:
+                if action == "restore":
+                    self.qos.restore_by_tag(tag)
+                else:
+                    self.qos._remove_from_indices(tag).execute()
+            except BaseException:
+                self.tracked.pop(tag, None)
+                raise
+            with _undelivered_lock:
+                _undelivered.pop(tag, None)
+            log.warning("delivery %s that Celery never saw was %s %s", tag,
+                        "put back on" if action == "restore" else "dropped from", queue)
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         recorded = self._record(queue, "pop")
