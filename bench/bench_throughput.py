@@ -1155,7 +1155,7 @@ class AttemptTimes:
     """One job's attempts as its ledger recorded them (seconds)."""
 
     provider: float  # at the provider, summed over the attempts (`provider_ms`)
-    created: float  # unix s: the job was opened (its ledger `created_at`: its first start script)
+    created: float  # unix s: its ledger `created_at`, the worker's clock when the fan-out built its opening
     first_start: float  # unix s: the first attempt began (after its start script)
     in_attempts: float  # the attempts' own durations, summed (`duration_ms`)
     last_end: float  # unix s: the last attempt's `at` + its duration
@@ -1163,19 +1163,23 @@ class AttemptTimes:
     @staticmethod
     def parts(times: Sequence[AttemptTimes], rows: JobRows) -> dict[str, tuple[float, float]]:
         """The measured overhead split where it is spent, p50 / p99 ms of each part:
-        receipt -> the job opened (the receiver's push, the queue, the delivery to the worker's
-        loop, the fan-out, the first attempt's start script running in Redis), the job opened ->
-        its first attempt starting (the start script's reply back on the worker's loop), inside
-        the attempts but not at the provider (the worker's own work, its Redis trips, rate-limit
-        waits), between attempts (retries), and after the last attempt (its finish script: the
-        final transition is its `updated_at`)."""
-        cols: dict[str, list[float]] = {"receipt -> job opened": [], "job opened -> attempt": [],
+        receipt -> the worker's fan-out (the receiver's push, the queue, the delivery to the
+        worker's loop; the ledger's `created_at` is the worker's clock as the fan-out builds the
+        job's opening, before its start script goes out), the fan-out -> the first attempt
+        starting (the start script's round trip, and any wait before a first attempt: a 429
+        block, the circuit, a busy client), inside the attempts but not at the provider (the
+        worker's own work, its Redis trips, rate-limit waits), between attempts (retries), and
+        after the last attempt. That last is ~0 by construction: the final transition's
+        `updated_at` is the attempt's end as the worker stamps it, before the finish script
+        goes out (the effect is at the provider by then), so the finish script's round trip is
+        in no part and not in receipt -> applied."""
+        cols: dict[str, list[float]] = {"receipt -> fan-out": [], "fan-out -> attempt": [],
                                         "in the attempt, not at the provider": [],
                                         "between attempts": [], "after the attempt": []}
         for t, received, updated in zip(times, rows.received, rows.updated, strict=True):
             span = t.last_end - t.first_start
-            cols["receipt -> job opened"].append(t.created - received)
-            cols["job opened -> attempt"].append(t.first_start - t.created)
+            cols["receipt -> fan-out"].append(t.created - received)
+            cols["fan-out -> attempt"].append(t.first_start - t.created)
             cols["in the attempt, not at the provider"].append(t.in_attempts - t.provider)
             cols["between attempts"].append(span - t.in_attempts)
             cols["after the attempt"].append(updated - t.last_end)

@@ -219,6 +219,33 @@ async def test_the_fallback_countdown_carries_the_mark_so_the_intake_gate_runs_i
     assert await redis.hget(keys.DEAD_LETTERS, "forged") == "1"
 
 
+async def test_a_fallback_that_cannot_read_the_mark_key_requeues_the_message_and_publishes_nothing(
+    ctx: JobContext, sandbox: RunningSandbox
+) -> None:
+    """Redis still away when the countdown is due to go out: the message is requeued (it runs
+    again later), never acked with its retry unsent, and nothing unmarked is published."""
+    from celery.exceptions import Reject
+
+    from tasks.sync import _fallback_retry
+    from worker.redis_server import free_port
+
+    ctx.parking, ctx.countdown_max = None, 0.25
+    sim(sandbox).faults.throttle_next, sim(sandbox).faults.retry_after = 1, 30
+    c = await start(ctx)
+    decision = await run_job(c, IN, 1, ctx)
+    assert decision.retry_in == 0.25
+    published: list[Any] = []
+    away = aioredis.Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
+    try:
+        runtime = SimpleNamespace(context=SimpleNamespace(store=SimpleNamespace(redis=away)))
+        with pytest.raises(Reject) as caught:
+            await _fallback_retry(runtime, c.model_dump(mode="json"), IN, decision,  # type: ignore[arg-type]
+                                  publish=lambda **kw: published.append(kw))
+    finally:
+        await away.aclose()
+    assert caught.value.requeue is True and published == []
+
+
 async def test_a_replayed_job_meeting_an_open_circuit_parks_with_its_attempt_one(
     ctx: JobContext, sandbox: RunningSandbox, redis: aioredis.Redis
 ) -> None:

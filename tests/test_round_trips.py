@@ -157,14 +157,15 @@ async def test_a_job_opened_by_its_first_attempt_is_the_job_the_fan_out_opened(
     _, providers = await fan_out(old.model_dump(mode="json"), ctx, task_id="t", received_at=received)
     for provider in providers:
         assert (await run_job(old, provider, 1, ctx)).state == "succeeded"
-    # Each first attempt opens its own job.
-    before = await enqueued()
+    # Each first attempt opens its own job (and only a job it opened counts toward retention).
+    before, counted = await enqueued(), ctx.ledger._created
     new = a_change("n1", 1)
     _, providers = await fan_out(new.model_dump(mode="json"), ctx, task_id="t", received_at=received,
                                  open_enabled=False)
     assert {p: d.state for p, d in (await run_first_attempts(new, providers, ctx, received_at=received)).items()} \
         == dict.fromkeys(PROVIDERS, "succeeded")
     assert {p: n - before[p] for p, n in (await enqueued()).items()} == dict.fromkeys(PROVIDERS, 1)
+    assert ctx.ledger._created == counted + len(PROVIDERS)
     for provider in PROVIDERS:
         was, now = await record(old, provider), await record(new, provider)
         assert set(was) == set(now), provider
@@ -179,6 +180,7 @@ async def test_a_job_opened_by_its_first_attempt_is_the_job_the_fan_out_opened(
     again = await run_first_attempts(new, PROVIDERS, ctx, received_at=time.time())
     assert {p: d.state for p, d in again.items()} == dict.fromkeys(PROVIDERS, "succeeded")
     assert {p: n - before[p] for p, n in (await enqueued()).items()} == dict.fromkeys(PROVIDERS, 1)
+    assert ctx.ledger._created == counted + len(PROVIDERS)  # nothing opened, nothing counted
     for provider in PROVIDERS:
         assert await redis.hgetall(keys.job(keys.job_id(provider, new.event_id))) == kept[provider]
 
@@ -191,3 +193,17 @@ async def test_a_job_opened_by_its_first_attempt_is_the_job_the_fan_out_opened(
     assert job["state"] == "retrying" and float(job["received_at"]) == pytest.approx(received)
     assert job["provider"] == "qonto"
     assert job["last_error_class"] == "rate_limited"
+
+
+async def test_a_trim_that_falls_due_on_opening_runs_beside_the_jobs(
+    ctx: JobContext, redis: aioredis.Redis, sandbox: RunningSandbox
+) -> None:
+    """The job that opens is holding its claim and its client's lock: the retention trim its
+    opening makes due runs as a task of its own, and does trim."""
+    ctx.ledger.trim_every, ctx.ledger.max_jobs = len(PROVIDERS), 3
+    first = a_change("t1", 1)
+    await run_first_attempts(first, PROVIDERS, ctx, received_at=time.time())
+    trimming = ctx.ledger._trimming
+    assert trimming is not None  # 5 jobs opened: one trim due
+    await trimming
+    assert await redis.zcard(keys.JOBS_FINISHED) == 3  # 5 finished, kept to max_jobs

@@ -239,8 +239,8 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         begin=ctx.store.begin_call(idem, provider, change.client.id, fingerprint=change.fingerprint(), owner=token),
         open_job=open_job,
     )
-    if open_job is not None:
-        await ctx.ledger.opened()
+    if start.opened:
+        ctx.ledger.opened()  # counts toward retention; a due trim runs beside the job, not in its way
     if ctx.limiter is not None:
         ctx.limiter.learn_block(provider, start.blocked_for)
     if start.status == "blocked":

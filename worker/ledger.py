@@ -383,6 +383,7 @@ class Ledger:
         self.max_age_seconds = max_age_seconds
         self.trim_every = trim_every
         self._created = 0
+        self._trimming: asyncio.Task[None] | None = None
         self._transition = redis.register_script(TRANSITION_LUA)
         self._enqueue_many = redis.register_script(_ENQUEUE_MANY)
         self._operate = redis.register_script(_OPERATE)
@@ -447,9 +448,23 @@ class Ledger:
         return self.transition_call(keys.job_id(provider, change.event_id), "queued", mode="create",
                                     fields=self._queued_fields(change, provider, received_at))
 
-    async def opened(self) -> None:
-        """A job was opened by a start script (`open_call`): the retention cadence counts it."""
-        await self._maybe_trim()
+    def opened(self) -> None:
+        """A job was opened by a start script (`open_call`): the retention cadence counts it. A trim
+        that falls due runs as a task of its own: the job that opened is holding its claim, its
+        client's lock and maybe the circuit's probe, and must not wait on a trim of thousands of
+        records (one trim at a time; a trim already running covers this one)."""
+        self._created += 1
+        if not (self.trim_every and self._created % self.trim_every == 0):
+            return
+        if self._trimming is not None and not self._trimming.done():
+            return
+        self._trimming = asyncio.get_running_loop().create_task(self._trim_logged())
+
+    async def _trim_logged(self) -> None:
+        try:
+            await self.trim_all()
+        except redis.exceptions.RedisError:
+            log.warning("ledger trim failed; the timer will retry", exc_info=True)
 
     @staticmethod
     def running_fields(owner: str | None, queue: str | None) -> dict[str, Any]:

@@ -49,14 +49,16 @@ _FINAL_LUA = "local FINAL_STATES = {" + ", ".join(f"{s}=true" for s in sorted(FI
 #       [4] '1' to ask the circuit, [5-8] ALLOW_LUA's, [9-16] TRANSITION_LUA's (running), [17-21] BEGIN_LUA's,
 #       [22] '1' to open the job first, [23-30] TRANSITION_LUA's (queued, mode 'create': same job keys)
 # -> {'blocked' | 'refused' | 'finished' | 'started', verdict, verdict wait (ms), block left (ms),
-#     previous ledger state, then BEGIN_LUA's reply when started}
+#     previous ledger state, 1 if this script opened the job (0: not asked, or it was open), then
+#     BEGIN_LUA's reply when started}
 START_LUA = (SLICE_LUA + _FINAL_LUA + as_function("blocked_for", BLOCKED_FOR_LUA) + as_function("allow", ALLOW_LUA)
              + as_function("running", TRANSITION_LUA) + as_function("begin", BEGIN_LUA) + """
-if ARGV[22] == '1' then running(slice(KEYS, 3, 3), slice(ARGV, 23, 8)) end
+local opened = 0
+if ARGV[22] == '1' and running(slice(KEYS, 3, 3), slice(ARGV, 23, 8)) == '' then opened = 1 end
 local left = 0
 if ARGV[1] == '1' then
   left = blocked_for(slice(KEYS, 1, 1), slice(ARGV, 3, 1))
-  if left > tonumber(ARGV[2]) then return {'blocked', '', 0, left, ''} end
+  if left > tonumber(ARGV[2]) then return {'blocked', '', 0, left, '', opened} end
 end
 local verdict, wait = 'closed', 0
 if ARGV[4] == '1' then
@@ -64,13 +66,13 @@ if ARGV[4] == '1' then
   local ok, v = pcall(allow, slice(KEYS, 2, 1), slice(ARGV, 5, 4))
   if ok then verdict, wait = v[1], v[2] else verdict = 'unread' end
   if verdict ~= 'closed' and verdict ~= 'probe' and verdict ~= 'unread' then
-    return {'refused', verdict, wait, left, ''}
+    return {'refused', verdict, wait, left, '', opened}
   end
 end
 local previous = running(slice(KEYS, 3, 3), slice(ARGV, 9, 8))
-if FINAL_STATES[previous] then return {'finished', verdict, wait, left, previous} end
+if FINAL_STATES[previous] then return {'finished', verdict, wait, left, previous, opened} end
 local b = begin(slice(KEYS, 6, 3), slice(ARGV, 17, 5))
-return {'started', verdict, wait, left, previous, unpack(b)}
+return {'started', verdict, wait, left, previous, opened, unpack(b)}
 """)
 
 # KEYS: [1-3] the store's keys, [4-6] the ledger's job keys, [7-8] circuit, audit list
@@ -108,6 +110,8 @@ class Start:
     previous: str
     #: the store's answer to the claim (when started)
     begin: Begin | None = None
+    #: this script opened the job (`open_job` given and the job was new)
+    opened: bool = False
 
 
 def _text(value: Any) -> str:
@@ -157,7 +161,7 @@ class JobSteps:
             else:
                 verdict = parse_verdict(raw[1:3])
         return Start(status, verdict, int(raw[3]) / 1000, _text(raw[4]),  # type: ignore[arg-type]
-                     parse_begin(raw[5:]) if status == "started" else None)
+                     parse_begin(raw[6:]) if status == "started" else None, opened=int(raw[5]) == 1)
 
     async def finish(self, provider: str, *, store: Call | None, ledger: Call,
                      circuit: Call | None) -> tuple[str, CircuitState | None]:
