@@ -8,8 +8,9 @@ as the bench counts them), less the `INFO` that reads the count.
 
 Per job: the start script and the finish script (`worker.steps`); a create also records its
 intent (`SyncStore.mark_intent`) before its call; a provider with a published rate limit (Qonto)
-takes a shared token per call. The fan-out costs none: each job is opened by its first attempt's
-start script (`worker.jobs.run_first_attempts`).
+takes a shared token per call, the first with the start script (when one is free at once). The
+fan-out costs none: each job is opened by its first attempt's start script
+(`worker.jobs.run_first_attempts`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from worker import keys
 from worker.jobs import JobContext, before_call_hook, fan_out, run_first_attempts, run_job
 from worker.models import ClientChange
 from worker.providers import adapter_class, load_configs
-from worker.ratelimit import RateLimiter, limit_for
+from worker.ratelimit import Limit, RateLimiter, limit_for
 from worker.redis_server import EmbeddedRedis
 from worker.sandbox.server import RunningSandbox, start_sandbox
 
@@ -118,21 +119,22 @@ async def test_a_job_costs_two_round_trips_to_update_and_three_to_create_plus_a_
     fan, created = await one_change(ctx, redis, sandbox, a_change("c1", 1))
     assert fan == 0  # each job is opened by its start script
     for provider, (used, calls) in created.items():
-        # start, intent, finish; plus one shared token per call where a limit is configured
-        assert used == 3 + (calls if provider in limited else 0), (provider, used, calls)
+        # start, intent, finish; plus one shared token per call after the first where a limit is
+        # configured (the first rides in the start script)
+        assert used == 3 + (calls - 1 if provider in limited else 0), (provider, used, calls)
 
     fan, updated = await one_change(ctx, redis, sandbox, a_change("c1", 2))
     assert fan == 0
     for provider, (used, calls) in updated.items():
-        assert used == 2 + (calls if provider in limited else 0), (provider, used, calls)
+        assert used == 2 + (calls - 1 if provider in limited else 0), (provider, used, calls)
 
     unlimited = [p for p in PROVIDERS if p not in limited]
     assert all(created[p][0] == 3 for p in unlimited) and all(updated[p][0] == 2 for p in unlimited)
     per_job_create = sum(used for used, _ in created.values()) / len(PROVIDERS)
     per_job_update = sum(used for used, _ in updated.values()) / len(PROVIDERS)
     # With Qonto's tokens (3 calls to create: two lookups and the POST; 1 to update).
-    assert per_job_create == (5 * 3 + created["qonto"][1]) / 5 <= 3.6
-    assert per_job_update == (5 * 2 + updated["qonto"][1]) / 5 <= 2.4
+    assert per_job_create == (5 * 3 + created["qonto"][1] - 1) / 5 <= 3.4
+    assert per_job_update == (5 * 2 + updated["qonto"][1] - 1) / 5 <= 2.0
 
 
 async def test_a_job_opened_by_its_first_attempt_is_the_job_the_fan_out_opened(
@@ -207,3 +209,23 @@ async def test_a_trim_that_falls_due_on_opening_runs_beside_the_jobs(
     assert trimming is not None  # 5 jobs opened: one trim due
     await trimming
     assert await redis.zcard(keys.JOBS_FINISHED) == 3  # 5 finished, kept to max_jobs
+
+
+async def test_the_first_token_taken_with_the_start_is_counted_once(
+    ctx: JobContext, redis: aioredis.Redis, sandbox: RunningSandbox
+) -> None:
+    """The start script takes a job's first token from the shared bucket; the job's first call
+    spends it instead of asking again: the bucket counts each call exactly once."""
+    assert ctx.limiter is not None
+    ctx.limiter.limits["qonto"] = Limit(calls=100, period=3600)  # burst 10, ~0.025 tokens/s back
+    bucket = keys.rate_bucket("qonto")
+
+    async def tokens() -> float:
+        return float(await redis.hget(bucket, "tokens") or 10)
+
+    for n in range(2):  # a create (its lookups and the POST), then an update
+        c = a_change("tok", n + 1)
+        before, calls = await tokens(), len(sandbox.simulators["qonto"].calls)
+        assert (await run_first_attempts(c, ["qonto"], ctx, received_at=time.time()))["qonto"].state == "succeeded"
+        made = len(sandbox.simulators["qonto"].calls) - calls
+        assert made >= 1 and before - await tokens() == pytest.approx(made, abs=0.05), (n, made)

@@ -19,7 +19,8 @@ owner of retries (adapters never loop):
 On the success path a job's bookkeeping is two Redis round trips (`worker.steps`): its start
 (the block, the circuit, the ledger's `running`, the claim) and its finish (the store, the
 ledger's `succeeded`, the circuit), each one script; a create adds its recorded intent, and a
-provider with a configured rate limit one shared token per call.
+provider with a configured rate limit one shared token per call after the first (the start
+script takes the first when one is free at once).
 
 The task layer only turns a `Decision` into a return (or, if parking failed, `self.retry`).
 """
@@ -60,6 +61,7 @@ from worker.models import ClientChange, mask_email, mask_emails
 from worker.parking import Parking
 from worker.providers.base import ProviderAdapter, ProviderConfig
 from worker.ratelimit import BucketEmpty, RateLimiter
+from worker.ratelimit import prepaid as prepaid_tokens
 from worker.steps import Call, JobSteps
 from worker.store import SyncStore
 from worker.sync import Outcome, apply_change
@@ -238,6 +240,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
             ctx.owner, ctx.parking.queue if ctx.parking else None)),
         begin=ctx.store.begin_call(idem, provider, change.client.id, fingerprint=change.fingerprint(), owner=token),
         open_job=open_job,
+        first_token=ctx.limiter.first_token_call(provider) if ctx.limiter is not None else None,
     )
     if start.opened:
         ctx.ledger.opened()  # counts toward retention; a due trim runs beside the job, not in its way
@@ -303,6 +306,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
         return answer
 
     counting, timing = lease_calls.set(calls), provider_time.set(waited)
+    paid = prepaid_tokens.set({provider: 1} if start.prepaid else None)
     try:
         outcome = await apply_change(change, adapter, ctx.store, owner=token, lock_wait=ctx.lock_wait, rng=ctx.rng,
                                      first=start.begin, finish=finish)
@@ -354,6 +358,7 @@ async def run_job(change: ClientChange, provider: str, attempt: int, ctx: JobCon
     finally:
         lease_calls.reset(counting)
         provider_time.reset(timing)
+        prepaid_tokens.reset(paid)
     if finished:
         done = finished[0]
     else:  # a completed key answered (`replayed`): nothing to finish in the store

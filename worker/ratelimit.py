@@ -17,12 +17,15 @@ it ends, from any worker, and the bucket restarts empty so the backlog does not 
 
 `before_call` is what every provider call awaits. A provider with a limit takes a token from
 the shared bucket (`acquire`, one round trip per call: the bucket is only right if every call
-is counted). A provider without one has nothing to count, only 429 blocks to honour, so it
-makes no round trip per call: each job reads the block once, in its start script
-(`worker.steps`, `BLOCKED_FOR_LUA`), and a job that meets a block longer than `max_wait` is
-parked before it starts. What a start read (or this process's own `block`) learns is kept for
-the whole process (`learn_block`), so a job already past its start stops before its next call
-as soon as any job of its process has started since the block (or hit the 429 itself).
+is counted), except the job's first call when its start script already took a token free at
+once (`first_token_call`, `prepaid`): that one is counted there, not twice. A job that then makes
+no call leaves its token unspent, so the bucket errs on the side of fewer calls. A provider
+without one has nothing to count, only 429 blocks to honour, so it makes no round trip per call:
+each job reads the block once, in its start script (`worker.steps`, `BLOCKED_FOR_LUA`), and a
+job that meets a block longer than `max_wait` is parked before it starts. What a start read (or
+this process's own `block`) learns is kept for the whole process (`learn_block`), so a job already
+past its start stops before its next call as soon as any job of its process has started since
+the block (or hit the 429 itself).
 
 Hash `keys.rate_bucket(provider)`; fields (stable: the monitor reads them):
 
@@ -42,6 +45,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,6 +98,14 @@ redis.call('HSET', KEYS[1], 'tokens', tokens, 'tokens_at', ts / 1000, 'limit', l
            'burst', burst)
 return {granted, wait, blocked}
 """
+
+#: `_ACQUIRE` as a piece of the job's start script (`worker.steps`), which takes a job's first
+#: token with its start when one is free at once
+ACQUIRE_LUA = _ACQUIRE
+
+#: tokens a job's start script already took, by provider (set around the job's run by
+#: `worker.jobs.run_job`): `before_call` spends them before it asks the bucket again
+prepaid: ContextVar[dict[str, int] | None] = ContextVar("prepaid", default=None)
 
 # KEYS[1] bucket; ARGV: block_ms, now_ms ('' = Redis time) -> blocked_until_ms
 _BLOCK = NOW_LUA + """
@@ -178,9 +190,15 @@ class RateLimiter:
         return bool(self.limits.get(provider, Limit(None, 1.0)).calls)
 
     async def before_call(self, provider: str) -> None:
-        """Before each call: a token from the shared bucket where `provider` has a limit; else wait
-        out (or, if it is far off, raise `BucketEmpty` for) a 429 block this process knows of."""
+        """Before each call: a token from the shared bucket where `provider` has a limit (one the
+        job's start script took, `prepaid`, first, unless this process knows of a 429 block since:
+        then the bucket is asked, which waits it out); else wait out (or, if it is far off, raise
+        `BucketEmpty` for) a 429 block this process knows of."""
         if self.has_limit(provider):
+            held = prepaid.get()
+            if held and held.get(provider, 0) > 0 and self._known_blocks.get(provider, 0.0) <= time.monotonic():
+                held[provider] -= 1
+                return
             await self.acquire(provider)
             return
         waited = 0.0
@@ -197,6 +215,14 @@ class RateLimiter:
             until = time.monotonic() + seconds
             if until > self._known_blocks.get(provider, 0.0):
                 self._known_blocks[provider] = until
+
+    def first_token_call(self, provider: str) -> tuple[list[str], list[Any]] | None:
+        """`_ACQUIRE`'s keys and arguments for a token free at once (no wait), as a piece of the
+        job's start script; None where `provider` has no limit (nothing to count)."""
+        limit = self.limits.get(provider, Limit(None, 1.0))
+        if not limit.calls:
+            return None
+        return [keys.rate_bucket(provider)], [limit.calls, int(limit.period * 1000), limit.burst, limit.refill, 0, ""]
 
     def blocked_for_call(self, provider: str, *, now_ms: int | None = None) -> tuple[list[str], list[Any]]:
         """`blocked_for`'s keys and arguments (also a piece of the job's start script, `worker.steps`)."""

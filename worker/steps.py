@@ -7,7 +7,8 @@ run as two scripts composed from those same scripts (`worker.lua.as_function`), 
 keeps one source of truth, and the order between them is the order below:
 
 - **start** = (a first attempt: ledger `queued`, if the job is new) → 429 block → circuit allow
-  → ledger `running` → store `begin` (claim + client lock).
+  → ledger `running` → store `begin` (claim + client lock) → (a provider with a rate limit: the
+  job's first token from the shared bucket, if one is free at once).
   The first attempts of a change open their jobs here rather than in a round trip of their own
   before them (`worker.jobs.run_first_attempts`); a job already open is left as it is.
   A block longer than the limiter's `max_wait` stops it first (the job is parked as
@@ -35,7 +36,7 @@ import redis.asyncio as aioredis
 from worker.circuit import ALLOW_LUA, RECORD_LUA, CircuitState, Verdict, parse_verdict, recorded
 from worker.ledger import FINAL, TRANSITION_LUA
 from worker.lua import SLICE_LUA, as_function
-from worker.ratelimit import BLOCKED_FOR_LUA
+from worker.ratelimit import ACQUIRE_LUA, BLOCKED_FOR_LUA
 from worker.store import BEGIN_LUA, FINISH_LUA, Begin, parse_begin
 
 log = logging.getLogger("clientsync.steps")
@@ -47,12 +48,15 @@ _FINAL_LUA = "local FINAL_STATES = {" + ", ".join(f"{s}=true" for s in sorted(FI
 # KEYS: [1] rate bucket, [2] circuit, [3-5] the ledger's job keys, [6-8] the store's keys
 # ARGV: [1] '1' to check the 429 block, [2] its max wait (ms), [3] BLOCKED_FOR_LUA's argument,
 #       [4] '1' to ask the circuit, [5-8] ALLOW_LUA's, [9-16] TRANSITION_LUA's (running), [17-21] BEGIN_LUA's,
-#       [22] '1' to open the job first, [23-30] TRANSITION_LUA's (queued, mode 'create': same job keys)
+#       [22] '1' to open the job first, [23-30] TRANSITION_LUA's (queued, mode 'create': same job keys),
+#       [31] '1' to take the job's first token with its start, [32-37] ACQUIRE_LUA's (on KEYS[1], no wait)
 # -> {'blocked' | 'refused' | 'finished' | 'started', verdict, verdict wait (ms), block left (ms),
 #     previous ledger state, 1 if this script opened the job (0: not asked, or it was open), then
-#     BEGIN_LUA's reply when started}
+#     when started: 1 if it took the job's first token (0: not asked, or none free at once), and
+#     BEGIN_LUA's reply}
 START_LUA = (SLICE_LUA + _FINAL_LUA + as_function("blocked_for", BLOCKED_FOR_LUA) + as_function("allow", ALLOW_LUA)
-             + as_function("running", TRANSITION_LUA) + as_function("begin", BEGIN_LUA) + """
+             + as_function("running", TRANSITION_LUA) + as_function("begin", BEGIN_LUA)
+             + as_function("first_token", ACQUIRE_LUA) + """
 local opened = 0
 if ARGV[22] == '1' and running(slice(KEYS, 3, 3), slice(ARGV, 23, 8)) == '' then opened = 1 end
 local left = 0
@@ -72,7 +76,12 @@ end
 local previous = running(slice(KEYS, 3, 3), slice(ARGV, 9, 8))
 if FINAL_STATES[previous] then return {'finished', verdict, wait, left, previous, opened} end
 local b = begin(slice(KEYS, 6, 3), slice(ARGV, 17, 5))
-return {'started', verdict, wait, left, previous, opened, unpack(b)}
+local prepaid = 0
+if ARGV[31] == '1' and b[1] == 'go' then
+  -- Only a token free now: a job that would wait for one asks again before its call, as before.
+  if tonumber(first_token(slice(KEYS, 1, 1), slice(ARGV, 32, 6))[1]) == 1 then prepaid = 1 end
+end
+return {'started', verdict, wait, left, previous, opened, prepaid, unpack(b)}
 """)
 
 # KEYS: [1-3] the store's keys, [4-6] the ledger's job keys, [7-8] circuit, audit list
@@ -112,6 +121,8 @@ class Start:
     begin: Begin | None = None
     #: this script opened the job (`open_job` given and the job was new)
     opened: bool = False
+    #: this script took the job's first token from the provider's shared bucket (`first_token`)
+    prepaid: bool = False
 
 
 def _text(value: Any) -> str:
@@ -135,22 +146,27 @@ class JobSteps:
         self._finish = redis.register_script(FINISH_JOB_LUA)
 
     async def start(self, *, block: Call | None, max_wait: float, allow: Call | None, running: Call,
-                    begin: Call, open_job: Call | None = None) -> Start:
+                    begin: Call, open_job: Call | None = None, first_token: Call | None = None) -> Start:
         """One round trip: `open_job` (`Ledger.open_call`, None = the job is already open), then
         `block` (`RateLimiter.blocked_for_call`, None = no limiter), `allow`
         (`CircuitBreaker.allow_call`, None = no circuit), `running` (`Ledger.transition_call`) and
         `begin` (`SyncStore.begin_call`), in that order, each only if the one before let the job go
-        (the job is opened whatever comes after)."""
+        (the job is opened whatever comes after); and, once the claim is the job's, `first_token`
+        (`RateLimiter.first_token_call`, None = no limit) if one is free at once: the job's
+        first call then makes no round trip of its own to the bucket."""
         block_keys, block_args = _pad(block, 1, 1)
         allow_keys, allow_args = _pad(allow, 1, 4)
         running_keys, running_args = _pad(running, 3, 8)
         begin_keys, begin_args = _pad(begin, 3, 5)
         open_keys, open_args = _pad(open_job, 3, 8)
         assert open_job is None or open_keys == running_keys, "a job is opened on the keys it runs on"
+        token_keys, token_args = _pad(first_token, 1, 6)
+        assert first_token is None or token_keys == block_keys, "the first token is taken from the bucket read"
         raw = await self._start(
             keys=[*block_keys, *allow_keys, *running_keys, *begin_keys],
             args=["1" if block else "0", int(max_wait * 1000), *block_args, "1" if allow else "0", *allow_args,
-                  *running_args, *begin_args, "1" if open_job else "0", *open_args],
+                  *running_args, *begin_args, "1" if open_job else "0", *open_args,
+                  "1" if first_token else "0", *token_args],
         )
         status = _text(raw[0])
         assert status in ("blocked", "refused", "finished", "started")
@@ -161,7 +177,8 @@ class JobSteps:
             else:
                 verdict = parse_verdict(raw[1:3])
         return Start(status, verdict, int(raw[3]) / 1000, _text(raw[4]),  # type: ignore[arg-type]
-                     parse_begin(raw[6:]) if status == "started" else None, opened=int(raw[5]) == 1)
+                     parse_begin(raw[7:]) if status == "started" else None, opened=int(raw[5]) == 1,
+                     prepaid=status == "started" and int(raw[6]) == 1)
 
     async def finish(self, provider: str, *, store: Call | None, ledger: Call,
                      circuit: Call | None) -> tuple[str, CircuitState | None]:
