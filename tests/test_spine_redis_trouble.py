@@ -45,10 +45,14 @@ async def test_jobs_caught_by_redis_refusing_writes_finish_once_redis_recovers(r
                 await producer.enqueue(ClientChange.model_validate(e), received_at=time.time())
             while len(await sandbox_calls(http, base["qonto"])) < 5:
                 await asyncio.sleep(0.02)
-            # Every write is now refused (OOM) for a while: ledger, locks, acks, requeues.
+            # Every write is now refused (OOM) for a while: ledger, locks, acks, requeues. Then the
+            # server's own setting is put back (a shared Redis, CLIENTSYNC_REDIS_URL, keeps its own).
+            previous = admin.config_get("maxmemory")["maxmemory"]
             admin.config_set("maxmemory", 1)
-            await asyncio.sleep(2)
-            admin.config_set("maxmemory", 0)
+            try:
+                await asyncio.sleep(2)
+            finally:
+                admin.config_set("maxmemory", previous)
             # Celery's consumer stops when the broker refuses its acks (it hands its unacked
             # messages back as it goes); a supervisor restarts it, as compose's restart policy does.
             await asyncio.sleep(1)
