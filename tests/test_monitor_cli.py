@@ -133,3 +133,22 @@ def test_without_redis_url_the_cli_says_so(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("CLIENTSYNC_REDIS_URL", raising=False)
     code, _, err = cli(capsys, "summary")
     assert code == 2 and "CLIENTSYNC_REDIS_URL" in err
+
+
+def test_every_refusal_is_the_commands_error_naming_what_the_command_line_gave(
+    seed: Seed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`_run` words every refusal of the monitor once: an invalid parameter as its flag, a
+    missing job or a refused action as the monitor words them; each exits 2 on stderr."""
+    seed(_three)
+    expected = {
+        ("jobs", "--limit", "0"): "--limit: must be an integer between 1 and 500",
+        ("jobs", "--cursor", "not-a-cursor"): "--cursor: must be a next_cursor value returned by this API",
+        ("replay", "--all-dead", "--limit", "0"): "--limit: must be an integer between 1 and 10000",
+        ("replay", "qonto:e3"): "job is succeeded; only dead or discarded jobs",
+        ("discard", "qonto:missing"): "no job 'qonto:missing' in the ledger",
+        ("resolve", "qonto:e1", "--adopt", "rec-9"): "only a needs_attention job can be resolved",
+    }
+    for argv, message in expected.items():
+        code, out, err = cli(capsys, *argv)
+        assert code == 2 and out == "" and err.startswith(f"clientsync: {message}"), (argv, err)

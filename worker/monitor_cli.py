@@ -11,7 +11,7 @@ import asyncio
 import json
 import shutil
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -65,7 +65,17 @@ def short_time(iso: str | None) -> str:
     return (iso or "").replace("T", " ").replace("Z", "")[:19]
 
 
-def _run(work: Callable[[Monitor], Awaitable[T]]) -> T:
+def _invalid(exc: InvalidParam, names: Mapping[str, str] | None = None) -> CliError:
+    """An invalid parameter, named as the command line gives it (`names`: a monitor field -> the
+    flag or argument that carries it where they differ; otherwise `--` and the field with dashes)."""
+    name = (names or {}).get(exc.field, "--" + exc.field.replace("_", "-"))
+    return CliError(f"{name}: {exc.rule}")
+
+
+def _run(work: Callable[[Monitor], Awaitable[T]], *, names: Mapping[str, str] | None = None) -> T:
+    """`work` against the ledger. Every refusal of the monitor is the command's error, worded
+    once here: a job not found or an action not allowed as the monitor words it, an invalid
+    parameter as its flag (`_invalid`), Redis out of reach as such."""
     settings = _settings()
     url = _require_redis(settings)
 
@@ -78,7 +88,12 @@ def _run(work: Callable[[Monitor], Awaitable[T]]) -> T:
         finally:
             await client.aclose()
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except InvalidParam as exc:
+        raise _invalid(exc, names) from exc
+    except (JobNotFound, NotAllowed) as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _filter(args: argparse.Namespace, names: Sequence[str]) -> JobFilter:
@@ -86,20 +101,21 @@ def _filter(args: argparse.Namespace, names: Sequence[str]) -> JobFilter:
     try:
         return JobFilter.parse({k: v for k, v in params.items() if v is not None}, allowed=names)
     except InvalidParam as exc:
-        raise CliError(f"--{exc.field.replace('_', '-')}: {exc.rule}") from exc
+        raise _invalid(exc) from exc
+
+
+def _limit(value: Any, *, default: int, maximum: int) -> int:
+    try:
+        return parse_limit(value, default=default, maximum=maximum)
+    except InvalidParam as exc:
+        raise _invalid(exc, {exc.field: "--limit"}) from exc
 
 
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_jobs(args: argparse.Namespace) -> int:
     f = _filter(args, JobFilter.FIELDS)
-    try:
-        limit = parse_limit(args.limit, default=50, maximum=MAX_LIMIT)
-    except InvalidParam as exc:
-        raise CliError(f"--limit: {exc.rule}") from exc
-    try:
-        page = _run(lambda m: m.list_jobs(f, limit=limit, cursor=args.cursor))
-    except InvalidParam as exc:
-        raise CliError(f"--{exc.field}: {exc.rule}") from exc
+    limit = _limit(args.limit, default=50, maximum=MAX_LIMIT)
+    page = _run(lambda m: m.list_jobs(f, limit=limit, cursor=args.cursor))
     if args.json:
         print(json.dumps({"jobs": page.jobs, "next_cursor": page.next_cursor}, indent=2))
         return 0
@@ -112,10 +128,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    try:
-        job = _run(lambda m: m.job(args.id))
-    except JobNotFound as exc:
-        raise CliError(str(exc)) from exc
+    job = _run(lambda m: m.job(args.id))
     if args.json:
         print(json.dumps(job, indent=2))
         return 0
@@ -147,19 +160,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if bool(args.id) == bool(args.all_dead):
         raise CliError("give either a job id or --all-dead (with optional filters)")
     if args.id:
-        try:
-            result = _run(lambda m: m.replay(args.id, note="replayed from the CLI"))
-        except JobNotFound as exc:
-            raise CliError(str(exc)) from exc
-        except NotAllowed as exc:
-            raise CliError(str(exc)) from exc
+        result = _run(lambda m: m.replay(args.id, note="replayed from the CLI"))
         print(f"{result['id']}: queued (task {result['task_id']})")
         return 0
     f = _filter(args, ("provider", "error_class", "since", "until"))
-    try:
-        limit = parse_limit(args.limit, default=1000, maximum=MAX_BULK)
-    except InvalidParam as exc:
-        raise CliError(f"--limit: {exc.rule}") from exc
+    limit = _limit(args.limit, default=1000, maximum=MAX_BULK)
     bulk = _run(lambda m: m.replay_matching(f, limit=limit, dry_run=args.dry_run, note="bulk replay from the CLI"))
     if args.dry_run:
         print(f"{bulk['matched']} dead job(s) match" + (" (and more)" if bulk["more"] else ""))
@@ -174,10 +179,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_discard(args: argparse.Namespace) -> int:
-    try:
-        _run(lambda m: m.discard(args.id, note="discarded from the CLI"))
-    except (JobNotFound, NotAllowed) as exc:
-        raise CliError(str(exc)) from exc
+    _run(lambda m: m.discard(args.id, note="discarded from the CLI"))
     print(f"{args.id}: discarded")
     return 0
 
@@ -186,12 +188,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if bool(args.adopt) == bool(args.create):
         raise CliError("give either --adopt PROVIDER_ID (one of the job's candidates) or --create")
     action = "adopt" if args.adopt else "create"
-    try:
-        result = _run(lambda m: m.resolve(args.id, action, args.adopt))
-    except InvalidParam as exc:
-        raise CliError(f"--adopt: {exc.rule}" if exc.field == "provider_id" else str(exc)) from exc
-    except (JobNotFound, NotAllowed) as exc:
-        raise CliError(str(exc)) from exc
+    result = _run(lambda m: m.resolve(args.id, action, args.adopt), names={"provider_id": "--adopt"})
     what = f"adopt {args.adopt}" if args.adopt else "create a new record"
     print(f"{result['id']}: " + ("already resolved: " if result.get("already") else "resolved, queued: ") + what)
     return 0
@@ -221,10 +218,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_provider(args: argparse.Namespace) -> int:
-    try:
-        result = _run(lambda m: m.provider_action(args.provider, args.action, actor="cli", note=args.note or ""))
-    except InvalidParam as exc:
-        raise CliError(f"{exc.field}: {exc.rule}") from exc
+    # PROVIDER and ACTION are positional: named as they are, without dashes.
+    result = _run(lambda m: m.provider_action(args.provider, args.action, actor="cli", note=args.note or ""),
+                  names={"provider": "provider", "action": "action"})
     print(f"{result['provider']}: {result['action']} ({result['before']} -> {result['after']})")
     return 0
 
