@@ -48,8 +48,7 @@ async def sync_client_body(rt: Runtime, task_id: str, *args: Any, **kwargs: Any)
     raw: Any = args[0] if len(args) == 1 else {"__args__": list(args), "__kwargs__": kwargs}
     received_at = kwargs.get("received_at") if isinstance(kwargs.get("received_at"), int | float) else None
     async with _requeue_on_infrastructure_error("sync_client"):
-        change, providers = await fan_out(raw, rt.context, task_id=task_id, received_at=received_at,
-                                          open_enabled=False)
+        change, providers = await fan_out(raw, rt.context, task_id=task_id, received_at=received_at)
         if change is None:
             return {"intake": "dead"}
         decisions = await run_first_attempts(change, providers, rt.context, received_at=received_at)

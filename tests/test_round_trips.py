@@ -90,8 +90,7 @@ async def one_change(ctx: JobContext, redis: aioredis.Redis, sandbox: RunningSan
     task's steps one job at a time (`sync_client_body` runs the same first attempts together)."""
     received = time.time()
     before = await reads(redis)
-    found, providers = await fan_out(c.model_dump(mode="json"), ctx, task_id="t", received_at=received,
-                                     open_enabled=False)
+    found, providers = await fan_out(c.model_dump(mode="json"), ctx, task_id="t", received_at=received)
     fan = await reads(redis) - before - 1
     assert found is not None and providers == PROVIDERS
     per_job: dict[str, tuple[int, int]] = {}
@@ -154,16 +153,16 @@ async def test_a_job_opened_by_its_first_attempt_is_the_job_the_fan_out_opened(
     async def enqueued() -> dict[str, int]:
         return {p: int(await redis.hget(keys.stats(p), "enqueued") or 0) for p in PROVIDERS}
 
-    # The fan-out opens them all, then the first attempts run (the path before this change).
+    # The jobs opened all at once in their own round trip, then the first attempts run (the path
+    # before the start scripts opened them).
     old = a_change("o1", 1)
-    _, providers = await fan_out(old.model_dump(mode="json"), ctx, task_id="t", received_at=received)
-    for provider in providers:
+    await ctx.ledger.enqueued_many(old, PROVIDERS, received_at=received)
+    for provider in PROVIDERS:
         assert (await run_job(old, provider, 1, ctx)).state == "succeeded"
     # Each first attempt opens its own job (and only a job it opened counts toward retention).
     before, counted = await enqueued(), ctx.ledger._created
     new = a_change("n1", 1)
-    _, providers = await fan_out(new.model_dump(mode="json"), ctx, task_id="t", received_at=received,
-                                 open_enabled=False)
+    _, providers = await fan_out(new.model_dump(mode="json"), ctx, task_id="t", received_at=received)
     assert {p: d.state for p, d in (await run_first_attempts(new, providers, ctx, received_at=received)).items()} \
         == dict.fromkeys(PROVIDERS, "succeeded")
     assert {p: n - before[p] for p, n in (await enqueued()).items()} == dict.fromkeys(PROVIDERS, 1)

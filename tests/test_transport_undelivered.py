@@ -104,3 +104,23 @@ def test_a_refused_delivery_whose_record_could_not_be_dropped_is_dropped_on_the_
     assert _held(r, tag) == dict.fromkeys(("unacked", "holder", "held"), False)
     assert r.llen(QUEUE) == 0 and transport._undelivered == {}  # dropped, not run or dead-lettered again
     assert r.hget(keys.DEAD_LETTERS, "unknown_task") == b"1"
+
+
+def test_the_next_poll_settles_what_celery_never_saw_before_it_waits_for_more(
+    channel: Any, fresh_redis_url: str
+) -> None:
+    """The wiring: a consuming channel's poll (`_brpop_start`) gives the noted delivery back first,
+    then its BLMOVE takes it again (here, into the process's inbox)."""
+    r = redis.Redis.from_url(fresh_redis_url)
+    _task_id, tag = _queue_one(r)
+    gate, channel.gate = channel.gate, _GateAway()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        channel._record(QUEUE, "pop")
+    channel.gate = gate
+    channel.basic_consume(QUEUE, False, lambda message: None, consumer_tag="t")
+    channel.connection.cycle._register_BRPOP(channel)  # kombu's poller: connect, then `_brpop_start`
+    assert transport._undelivered == {}
+    assert _held(r, tag) == dict.fromkeys(("unacked", "holder", "held"), False)
+    channel._brpop_read()  # the poll's own reply: BLMOVE took it again, and it is recorded
+    assert r.llen(QUEUE) == 0 and _held(r, tag) == {"unacked": True, "holder": True, "held": True}
+    channel.connection.cycle.discard(channel)

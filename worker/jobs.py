@@ -159,14 +159,14 @@ def validation_message(exc: ValidationError) -> tuple[str, dict[str, list[str]]]
 
 
 async def fan_out(
-    raw: Any, ctx: JobContext, *, task_id: str, received_at: float | None, open_enabled: bool = True
+    raw: Any, ctx: JobContext, *, task_id: str, received_at: float | None
 ) -> tuple[ClientChange | None, list[str]]:
-    """Validate one queued change; open a ledger job per provider; return it and the providers to run.
+    """Validate one queued change; return it and the providers to run.
 
     An invalid argument becomes a dead letter with the validation errors, never an exception.
-    A provider that is not enabled gets its job opened and dead-lettered here; with
-    `open_enabled=False` the enabled providers' jobs are left for their first attempts to open,
-    each in its own start script (`run_first_attempts`): one round trip less per change.
+    A provider the change names that is not enabled gets its job opened and dead-lettered here;
+    the enabled providers' jobs are opened by their first attempts, each in its own start script
+    (`run_first_attempts`), not in a round trip of their own before them.
     """
     try:
         change = ClientChange.model_validate(raw)
@@ -180,13 +180,12 @@ async def fan_out(
         log.warning("dead-lettered invalid message task_id=%s: %s", task_id, message)
         return None, []
     targets = list(change.providers) if change.providers is not None else sorted(ctx.adapters)
-    opened = targets if open_enabled else [p for p in targets if p not in ctx.adapters]
-    job_ids = await ctx.ledger.enqueued_many(change, opened, received_at=received_at)
-    for provider, job_id in zip(opened, job_ids, strict=True):
-        if provider not in ctx.adapters:
-            why = ctx.disabled.get(provider, "unknown provider")
-            await ctx.ledger.dead(job_id, Attempt(1, time.time(), "dead", "provider_disabled", None,
-                                                  f"{provider} is not enabled: {why}"))
+    disabled = [p for p in targets if p not in ctx.adapters]
+    job_ids = await ctx.ledger.enqueued_many(change, disabled, received_at=received_at)
+    for provider, job_id in zip(disabled, job_ids, strict=True):
+        why = ctx.disabled.get(provider, "unknown provider")
+        await ctx.ledger.dead(job_id, Attempt(1, time.time(), "dead", "provider_disabled", None,
+                                              f"{provider} is not enabled: {why}"))
     return change, [p for p in targets if p in ctx.adapters]
 
 

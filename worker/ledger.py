@@ -453,18 +453,11 @@ class Ledger:
         that falls due runs as a task of its own: the job that opened is holding its claim, its
         client's lock and maybe the circuit's probe, and must not wait on a trim of thousands of
         records (one trim at a time; a trim already running covers this one)."""
-        self._created += 1
-        if not (self.trim_every and self._created % self.trim_every == 0):
+        if not self._trim_due():
             return
         if self._trimming is not None and not self._trimming.done():
             return
         self._trimming = asyncio.get_running_loop().create_task(self._trim_logged())
-
-    async def _trim_logged(self) -> None:
-        try:
-            await self.trim_all()
-        except redis.exceptions.RedisError:
-            log.warning("ledger trim failed; the timer will retry", exc_info=True)
 
     @staticmethod
     def running_fields(owner: str | None, queue: str | None) -> dict[str, Any]:
@@ -606,13 +599,20 @@ class Ledger:
             if n < TRIM_BATCH:
                 return total
 
-    async def _maybe_trim(self) -> None:
+    def _trim_due(self) -> bool:
+        """Count one new job; whether retention's trim is due (every `trim_every` new jobs)."""
         self._created += 1
-        if self.trim_every and self._created % self.trim_every == 0:
-            try:
-                await self.trim_all()
-            except redis.exceptions.RedisError:
-                log.warning("ledger trim failed; the timer will retry", exc_info=True)
+        return bool(self.trim_every) and self._created % self.trim_every == 0
+
+    async def _trim_logged(self) -> None:
+        try:
+            await self.trim_all()
+        except redis.exceptions.RedisError:
+            log.warning("ledger trim failed; the timer will retry", exc_info=True)
+
+    async def _maybe_trim(self) -> None:
+        if self._trim_due():
+            await self._trim_logged()
 
     async def run_retention(self, interval: float = 10.0) -> None:
         """Trim forever, every `interval` seconds (a worker's background task; cancel to stop)."""

@@ -72,7 +72,9 @@ DEFAULT_LIMITS: dict[str, tuple[str, int, float]] = {
 
 # KEYS[1] bucket; ARGV: limit, period_ms, burst, refill per period, max_wait_ms, now_ms ('' = Redis time)
 # -> {granted (1|0), wait_ms, blocked_until_ms}
-_ACQUIRE = NOW_LUA + """
+# (also a piece of the job's start script, `worker.steps`, which takes a job's first token with
+# its start when one is free at once)
+ACQUIRE_LUA = NOW_LUA + """
 local limit, period, burst, refill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_wait = tonumber(ARGV[5])
 local now = now_ms(ARGV[6])
@@ -98,10 +100,6 @@ redis.call('HSET', KEYS[1], 'tokens', tokens, 'tokens_at', ts / 1000, 'limit', l
            'burst', burst)
 return {granted, wait, blocked}
 """
-
-#: `_ACQUIRE` as a piece of the job's start script (`worker.steps`), which takes a job's first
-#: token with its start when one is free at once
-ACQUIRE_LUA = _ACQUIRE
 
 #: tokens a job's start script already took, by provider (set around the job's run by
 #: `worker.jobs.run_job`): `before_call` spends them before it asks the bucket again
@@ -179,7 +177,7 @@ class RateLimiter:
         self.redis = redis
         self.limits = dict(limits)
         self.max_wait = max_wait
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._acquire = redis.register_script(ACQUIRE_LUA)
         self._block = redis.register_script(_BLOCK)
         self._blocked_for = redis.register_script(BLOCKED_FOR_LUA)
         #: provider -> `time.monotonic()` at which the latest 429 block this process knows of ends
@@ -216,13 +214,17 @@ class RateLimiter:
             if until > self._known_blocks.get(provider, 0.0):
                 self._known_blocks[provider] = until
 
-    def first_token_call(self, provider: str) -> tuple[list[str], list[Any]] | None:
-        """`_ACQUIRE`'s keys and arguments for a token free at once (no wait), as a piece of the
-        job's start script; None where `provider` has no limit (nothing to count)."""
+    def acquire_call(self, provider: str, *, max_wait: float, now_ms: int | None = None
+                     ) -> tuple[list[str], list[Any]]:
+        """`ACQUIRE_LUA`'s keys and arguments: a token if the call can start within `max_wait`."""
         limit = self.limits.get(provider, Limit(None, 1.0))
-        if not limit.calls:
-            return None
-        return [keys.rate_bucket(provider)], [limit.calls, int(limit.period * 1000), limit.burst, limit.refill, 0, ""]
+        return [keys.rate_bucket(provider)], [limit.calls or 0, int(limit.period * 1000), limit.burst, limit.refill,
+                                              int(max_wait * 1000), "" if now_ms is None else now_ms]
+
+    def first_token_call(self, provider: str) -> tuple[list[str], list[Any]] | None:
+        """A token free at once (no wait), as a piece of the job's start script; None where
+        `provider` has no limit (nothing to count)."""
+        return self.acquire_call(provider, max_wait=0) if self.has_limit(provider) else None
 
     def blocked_for_call(self, provider: str, *, now_ms: int | None = None) -> tuple[list[str], list[Any]]:
         """`blocked_for`'s keys and arguments (also a piece of the job's start script, `worker.steps`)."""
@@ -231,13 +233,9 @@ class RateLimiter:
     async def try_acquire(self, provider: str, *, max_wait: float | None = None,
                           now_ms: int | None = None) -> Grant:
         """One round trip: reserve a token if the call can start within `max_wait`."""
-        limit = self.limits.get(provider, Limit(None, 1.0))
-        max_wait_s = self.max_wait if max_wait is None else max_wait
-        granted, wait, blocked = await self._acquire(
-            keys=[keys.rate_bucket(provider)],
-            args=[limit.calls or 0, int(limit.period * 1000), limit.burst, limit.refill, int(max_wait_s * 1000),
-                  "" if now_ms is None else now_ms],
-        )
+        script_keys, args = self.acquire_call(provider, max_wait=self.max_wait if max_wait is None else max_wait,
+                                              now_ms=now_ms)
+        granted, wait, blocked = await self._acquire(keys=script_keys, args=args)
         return Grant(bool(int(granted)), int(wait) / 1000, int(blocked))
 
     async def acquire(self, provider: str) -> None:
